@@ -1,0 +1,21 @@
+"""Stage `split`: the deterministic class-disjoint private/public split (index lists)."""
+
+from __future__ import annotations
+
+from diffmi_ray.config.data import DataConfig
+from diffmi_ray.data.splits import Split, make_split
+
+
+def run(ctx) -> dict:
+    data = DataConfig.model_validate(ctx.config["data"])
+    split = make_split(data, ctx.seed)
+    (ctx.out_dir / "split.json").write_text(split.to_json())
+    return {"num_classes": split.num_classes, "private_train": len(split.private_train),
+            "private_test": len(split.private_test), "public": len(split.public)}
+
+
+def load(path) -> Split:
+    """The Split stored in a finished `split` artifact folder."""
+    from pathlib import Path
+
+    return Split.from_json((Path(path) / "split.json").read_text())

@@ -1,0 +1,52 @@
+"""Shared test fixtures: quiet Ray settings, one session-scoped Ray, grid-file helpers."""
+
+from __future__ import annotations
+
+import os
+import textwrap
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_COLOR_PREFIX", "0")
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    return REPO
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+    if not SHARED.is_dir():
+        pytest.skip(f"shared reference folder not found at {SHARED}")
+    return SHARED
+
+
+@pytest.fixture
+def write_grid(tmp_path):
+    """write_grid(text, name='grid.yaml') -> Path: a grid file in tmp_path (storage defaults to tmp_path)."""
+
+    def _write(text: str, name: str = "grid.yaml") -> Path:
+        p = tmp_path / name
+        p.write_text(textwrap.dedent(text))
+        return p
+
+    return _write
+
+
+@pytest.fixture(scope="session")
+def ray_session(tmp_path_factory):
+    """One embedded Ray for the whole test session (start-up costs seconds), isolated temp dir."""
+    import ray
+
+    tmp = tmp_path_factory.mktemp("ray")
+    ray.init(num_cpus=2, resources={"trial_driver": 8}, include_dashboard=False, _temp_dir=str(tmp),
+             log_to_driver=True, configure_logging=False)
+    yield ray
+    ray.shutdown()
