@@ -63,7 +63,12 @@ def check_point(cfg: ExperimentConfig, protocol) -> list[tuple[str, str]]:
         if infos["private"].num_classes is None:
             probs.append(("data.private.dataset", f"dataset '{infos['private'].name}' is unlabeled and cannot be "
                           "the private set (its classes are what the attack recovers)"))
-    if "private" in infos and "public" in infos and infos["private"].family == infos["public"].family:
+    # Class-disjointness within one dataset family. Sides selected by a split file (KED-MI's CelebA
+    # trainset/ganset lists) carry their own disjoint identities unless classes are given explicitly.
+    by_file = any(getattr(cfg.data, s).split_file and getattr(cfg.data, s).classes is None
+                  for s in ("private", "public"))
+    if ("private" in infos and "public" in infos and infos["private"].family == infos["public"].family
+            and not by_file):
         pc = set(cfg.data.private.classes if cfg.data.private.classes is not None
                  else range(infos["private"].num_classes or 0))
         uc = set(cfg.data.public.classes if cfg.data.public.classes is not None

@@ -19,3 +19,8 @@ def load(path) -> Split:
     from pathlib import Path
 
     return Split.from_json((Path(path) / "split.json").read_text())
+
+
+def data_config_of(parent) -> DataConfig:
+    """The DataConfig of a finished `split` parent (a pipeline.context.Parent)."""
+    return DataConfig.model_validate(parent.config["config"]["data"])
