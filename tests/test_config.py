@@ -162,3 +162,41 @@ def test_cli_missing_file_and_bad_yaml(write_grid, tmp_path, capsys):
     g = write_grid("name: [unclosed\n")
     assert main(["plan", str(g)]) == 2
     assert "invalid YAML: line" in capsys.readouterr().err
+
+
+def test_env_interpolation(write_grid, tmp_path, monkeypatch):
+    text = grid_text(tmp_path).replace("storage: " + str(tmp_path / "store"), "storage: ${MY_STORE:-" + str(tmp_path) + "/d}")
+    g = write_grid(text)
+    assert load_grid(g).grid.storage == f"{tmp_path}/d"
+    monkeypatch.setenv("MY_STORE", str(tmp_path / "e"))
+    assert load_grid(g).grid.storage == f"{tmp_path}/e"
+    g2 = write_grid(text.replace("${MY_STORE:-" + str(tmp_path) + "/d}", "${UNSET_VAR_XYZ}"), "g2.yaml")
+    path, msg = problems_of(g2)[0]
+    assert path == "storage" and "UNSET_VAR_XYZ is not set" in msg
+
+
+def test_variants_multiply_axes_and_locate_errors(write_grid, tmp_path):
+    g = write_grid(grid_text(tmp_path, """axes:
+  method: [diff_mi, gmi]
+variants:
+  - {setting: standard}
+  - {setting: distribution_shift, data.public: {dataset: uci_digits}}
+"""))
+    loaded = load_grid(g)
+    assert len(loaded.points) == 4
+    shifted = [p.config for p in loaded.points if p.config.setting == "distribution_shift"]
+    assert [c.data.public.dataset for c in shifted] == ["uci_digits", "uci_digits"]
+    assert loaded.points[1].locations["data.public"] == "variants[1].data.public"
+    bad = write_grid(grid_text(tmp_path, """variants:
+  - {setting: standard}
+  - {data.public: {dataset: nope}, diff_mi.attack.k: 7}
+"""), "bad.yaml")
+    probs = dict(problems_of(bad))
+    assert "unknown dataset 'nope'" in probs["variants[1].data.public.dataset"]
+    assert "k=7" in probs["variants[1].diff_mi.attack.k"]
+
+
+def test_missing_checkpoint_file(write_grid, tmp_path):
+    text = grid_text(tmp_path).replace("target: {model: small_cnn}", f"target: {{model: small_cnn, checkpoint: {tmp_path}/T.tar}}")
+    probs = dict(problems_of(write_grid(text)))
+    assert "checkpoint file not found" in probs["base.target.checkpoint"]

@@ -102,6 +102,22 @@ def check_point(cfg: ExperimentConfig, protocol) -> list[tuple[str, str]]:
         probs.append(("protocol.eval.model", f"the evaluation classifier must differ from the target "
                       f"({cfg.target.model!r}); the protocol forbids E == T"))
 
+    # Checkpoint files named in the config must exist before anything runs.
+    def check_file(path: str, value: str | None):
+        import os
+
+        if value and "://" not in value and not os.path.isfile(os.path.expanduser(value)):
+            probs.append((path, f"checkpoint file not found: {value}"))
+
+    check_file("target.checkpoint", cfg.target.checkpoint)
+    check_file("protocol.eval.checkpoint", protocol.eval.checkpoint)
+    mprior = cfg.method_config().prior
+    if cfg.method == "diff_mi":
+        check_file("diff_mi.prior.checkpoint", mprior.checkpoint)
+    else:
+        check_file(f"{cfg.method}.prior.train.generator_checkpoint", mprior.train.generator_checkpoint)
+        check_file(f"{cfg.method}.prior.train.discriminator_checkpoint", mprior.train.discriminator_checkpoint)
+
     # Protocol vs classes.
     if n_cls is not None:
         if protocol.classes > n_cls:
@@ -147,14 +163,13 @@ def _locate(point: "GridPoint", path: str) -> str:
     if path.startswith("protocol."):
         return path
     best = None
-    for key in point.axis_values:
+    for key in point.locations:
         if path == key or path.startswith(key + ".") or key.startswith(path + "."):
             if best is None or len(key) > len(best):
                 best = key
     if best is not None:
-        i = point.axis_index[best]
         rest = path[len(best):] if path.startswith(best) else ""
-        return f"axes.{best}[{i}]{rest}"
+        return point.locations[best] + rest
     return f"base.{path}"
 
 

@@ -14,6 +14,9 @@ Layout of a grid YAML (every key optional unless marked)::
     axes:                            # dotted key (inside base) -> list of values; cartesian product
       method: [diff_mi, gmi]
       diff_mi.attack.k: [1, 2]
+    variants:                        # optional: keys set together, multiplied with the axes
+      - {setting: standard}
+      - {setting: distribution_shift, data.public: {dataset: uci_digits}}
     resources: {attack: {cpus: 1}}   # per stage type (StageResources)
     run: {max_concurrent_trials: 2}  # runner options
 """
@@ -100,6 +103,9 @@ class GridConfig(StrictModel):
     protocol: ProtocolConfig
     base: ExperimentConfig
     axes: dict[str, list] = Field(default_factory=dict, description="Dotted key -> values (cartesian product).")
+    variants: list[dict] = Field(default_factory=list, description="Bundles of dotted key -> value applied "
+                                 "together (e.g. a setting label with its public dataset); the grid is the "
+                                 "product of the axes and the variants.")
     resources: dict[Literal["split", "train_classifier", "pseudo_labels", "train_prior", "finetune_cdm",
                             "attack", "evaluate"], StageResources] = Field(default_factory=_default_resources)
     run: RunOptions = Field(default_factory=RunOptions)

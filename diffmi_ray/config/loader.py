@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import itertools
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,8 +28,8 @@ class GridPoint:
     index: int
     point_id: str
     config: ExperimentConfig
-    axis_values: dict[str, Any] = field(default_factory=dict)  # dotted key -> value of this point
-    axis_index: dict[str, int] = field(default_factory=dict)   # dotted key -> index into axes[key]
+    axis_values: dict[str, Any] = field(default_factory=dict)  # dotted key -> value set by axes/variants
+    locations: dict[str, str] = field(default_factory=dict)    # dotted key -> where the file set it
 
 
 @dataclass
@@ -70,6 +71,29 @@ def _read_yaml(path: Path, origin: str | None = None) -> dict:
     if not isinstance(data, dict):
         raise ConfigError(str(path), [("", f"a grid file must be a mapping, got {type(data).__name__}")])
     return data
+
+
+_ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def expand_env(obj: Any, path: Path, key: str = "") -> Any:
+    """Replace ``${VAR}`` / ``${VAR:-default}`` in string values with environment variables, so grid
+    files can name data folders portably (e.g. ``root: ${DIFFMI_DATA:-data}/celeba``)."""
+    if isinstance(obj, dict):
+        return {k: expand_env(v, path, f"{key}.{k}" if key else str(k)) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [expand_env(v, path, f"{key}[{i}]") for i, v in enumerate(obj)]
+    if isinstance(obj, str) and "${" in obj:
+        def sub(m):
+            val = os.environ.get(m.group(1))
+            if val is None:
+                if m.group(2) is None:
+                    raise ConfigError(str(path), [(key, f"environment variable {m.group(1)} is not set "
+                                                        f"(use ${{{m.group(1)}:-default}} for a default)")])
+                val = m.group(2)
+            return val
+        return _ENV.sub(sub, obj)
+    return obj
 
 
 def deep_merge(base: dict, override: dict) -> dict:
@@ -173,17 +197,20 @@ def load_grid(path: str | os.PathLike, *, check_semantics: bool = True) -> Loade
     """Read, merge, validate and expand a grid file. Raises ConfigError with every problem found."""
     path = Path(path)
     fname = str(path)
-    raw = read_with_includes(path)
+    raw = expand_env(read_with_includes(path), path)
     problems: list[tuple[str, str]] = []
 
     axes = raw.get("axes") or {}
+    variants = raw.get("variants") or []
     base_raw = raw.get("base")
     try:
         grid = GridConfig.model_validate(raw)
     except ValidationError as e:
         raise ConfigError(fname, _pydantic_problems(e)) from None
 
-    # Axes: known keys, non-empty lists, each value valid on its own.
+    # Dimensions of the grid: each axis, then the variants list. A dimension is a list of
+    # assignments (dotted key -> value) with the place in the file each came from.
+    dims: list[list[dict[str, tuple[Any, str]]]] = []
     for key, values in axes.items():
         msg = _valid_dotted_key(key)
         if msg:
@@ -192,31 +219,53 @@ def load_grid(path: str | os.PathLike, *, check_semantics: bool = True) -> Loade
         if not isinstance(values, list) or not values:
             problems.append((f"axes.{key}", "must be a non-empty list of values"))
             continue
-        for i, v in enumerate(values):
+        dims.append([{key: (v, f"axes.{key}[{i}]")} for i, v in enumerate(values)])
+    if variants:
+        if not isinstance(variants, list) or not all(isinstance(v, dict) and v for v in variants):
+            problems.append(("variants", "must be a list of non-empty mappings (dotted key -> value)"))
+        else:
+            dim = []
+            for i, var in enumerate(variants):
+                for key in var:
+                    msg = _valid_dotted_key(key)
+                    if msg:
+                        problems.append((f"variants[{i}].{key}", msg))
+                dim.append({k: (v, f"variants[{i}].{k}") for k, v in var.items()})
+            dims.append(dim)
+
+    # Each assignment must be valid on its own (typed errors located at the axis entry).
+    for dim in dims:
+        for assignment in dim:
             trial = copy.deepcopy(base_raw)
-            set_dotted(trial, key, v)
+            for key, (v, _) in assignment.items():
+                set_dotted(trial, key, v)
             try:
                 ExperimentConfig.model_validate(trial)
             except ValidationError as e:
                 for p, m in _pydantic_problems(e):
-                    if p == key or p.startswith(key + ".") or p.startswith(key + "["):
-                        problems.append((f"axes.{key}[{i}]" + p[len(key):], m))
+                    hit = [(k, loc) for k, (_, loc) in assignment.items()
+                           if p == k or p.startswith(k + ".") or p.startswith(k + "[")]
+                    if hit:
+                        k, loc = max(hit, key=lambda t: len(t[0]))
+                        problems.append((loc + p[len(k):], m))
                     else:
                         problems.append((f"base.{p}", m))
-    keys = list(axes)
+
     points: list[GridPoint] = []
-    combos = itertools.product(*[range(len(axes[k])) for k in keys]) if keys else [()]
+    combos = itertools.product(*[range(len(d)) for d in dims]) if dims else [()]
     for n, combo in enumerate(combos):
         point_raw = copy.deepcopy(base_raw)
-        values = {}
-        for k, i in zip(keys, combo):
-            set_dotted(point_raw, k, axes[k][i])
-            values[k] = axes[k][i]
+        values, locations = {}, {}
+        for dim, i in zip(dims, combo):
+            for key, (v, loc) in dim[i].items():
+                set_dotted(point_raw, key, v)
+                values[key] = v
+                locations[key] = loc
         try:
             cfg = ExperimentConfig.model_validate(point_raw)
         except ValidationError:
             continue  # its typed problems are reported at the axis entries above
-        points.append(GridPoint(n, f"p{n:04d}", cfg, values, dict(zip(keys, combo))))
+        points.append(GridPoint(n, f"p{n:04d}", cfg, values, locations))
 
     loaded = LoadedGrid(path=path, grid=grid, points=points, raw=raw)
     if check_semantics:
