@@ -221,8 +221,8 @@ def load_grid(path: str | os.PathLike, *, check_semantics: bool = True) -> Loade
             continue
         dims.append([{key: (v, f"axes.{key}[{i}]")} for i, v in enumerate(values)])
     if variants:
-        if not isinstance(variants, list) or not all(isinstance(v, dict) and v for v in variants):
-            problems.append(("variants", "must be a list of non-empty mappings (dotted key -> value)"))
+        if not isinstance(variants, list) or not all(isinstance(v, dict) for v in variants):
+            problems.append(("variants", "must be a list of mappings (dotted key -> value; {} = the base as is)"))
         else:
             dim = []
             for i, var in enumerate(variants):
