@@ -314,3 +314,12 @@ def test_a_grid_without_values_gives_a_report_that_says_why(tmp_path):
     index = build_report(tmp_path)
     assert {"table_I", "table_X", "fig6a_change_rates", "acc_fid_scatter", "image_grids"} <= set(index.skipped)
     assert index.html.is_file() and "Not built" in index.markdown.read_text()
+
+
+def test_fig6a_selected_layers_are_layer_numbers(results):
+    from diffmi_ray.reporting.plots import selected_mask
+
+    cr = results.change_rates("p0004")
+    assert cr["selected"] == [2, 4, 8, 10, 12]  # the paper's Fig. 6a choice, 1-based
+    mask = selected_mask(cr["layers"], cr["selected"])
+    assert [layer for layer, m in zip(cr["layers"], mask) if m] == [2, 4, 8, 10, 12]

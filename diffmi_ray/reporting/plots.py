@@ -63,9 +63,19 @@ def _context_label(rows: pd.DataFrame, cols: list[str]) -> list[str]:
 # -------------------------------------------------------------------------------------- Fig. 6a
 
 
+def selected_mask(layers: list[int], selected: list[int]) -> list[bool]:
+    """Which entries of ``layers`` were fine-tuned: ``selected`` holds layer numbers (1-based, the
+    values of ``layers``, as :func:`diffmi_ray.training.finetune.select_layers` returns them)."""
+    chosen = {int(s) for s in selected}
+    return [int(layer) in chosen for layer in layers]
+
+
 def plot_change_rates(results: Results, labelled: pd.DataFrame, stem: Path) -> list[Path] | None:
     """Fig. 6a: grouped bars of the change rate per layer, one bar series per distinct fine-tuned
-    CDM (identical change-rate files of several points are drawn once); selected layers starred."""
+    CDM (identical change-rate files of several points are drawn once); selected layers starred.
+
+    change_rates.json: ``layers`` (1..13), ``change_rate`` (one float per layer) and ``selected``
+    (the fine-tuned layers' numbers, 1-based like ``layers``)."""
     series = []
     seen = set()
     for _, r in labelled[labelled["method"] == "diff_mi"].sort_values("point").iterrows():
@@ -93,9 +103,8 @@ def plot_change_rates(results: Results, labelled: pd.DataFrame, stem: Path) -> l
         x = np.asarray(layers, dtype=float) + (i - (n - 1) / 2) * width
         color = _PALETTE[i % len(_PALETTE)]
         ax.bar(x, rates, width=width, color=color, label=label)
-        # ``selected`` holds indices into ``layers`` (0-based).
-        sel = [j for j in selected if 0 <= j < len(layers)]
-        if sel:
+        sel = np.flatnonzero(selected_mask(layers, selected))
+        if len(sel):
             ax.scatter(x[sel], np.asarray(rates)[sel] * 1.04 + 1e-12, marker="*", s=60, color=color,
                        edgecolor="black", linewidths=0.5, zorder=3)
     all_layers = sorted({l for s in series for l in s[1]})
