@@ -90,7 +90,9 @@ def cmd_report(args) -> int:
     else:
         results_dir = resolve_results_dir(target)
     index = build_report(results_dir, Path(args.out) if args.out else None)
-    print(f"report written to {getattr(index, 'out_dir', index)}")
+    print(f"report: {index.html}")
+    for name, why in sorted(index.skipped.items()):
+        print(f"  not built: {name} ({why})")
     return 0
 
 
