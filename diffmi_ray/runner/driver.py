@@ -76,10 +76,12 @@ class GridRun:
         self.interrupted = False
         self.interrupt_sent = False
         self.started = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime())
+        self.seen_executions: set[str] | None = None
 
     # ================================================================== entry point
     def run(self, *, address: str | None = None, local: bool = False, num_cpus: int | None = None) -> int:
         t0 = time.time()
+        self.scan_started()
         for inst in self.plan.instances.values():
             if self.store.is_done(*inst.id):
                 self.done.add(inst.id)
@@ -101,6 +103,7 @@ class GridRun:
             results_dir = collect_results(self.loaded, self.plan, self.store, states)
         except KeyboardInterrupt:
             self.interrupted = True
+        self.scan_started()
         self.progress.tick(force=True)
         return self.summary(states, results_dir, time.time() - t0)
 
@@ -111,6 +114,30 @@ class GridRun:
         self.progress.mark_done(*inst.id)
         if may_interrupt:
             self.maybe_interrupt(inst)
+
+    def scan_started(self) -> None:
+        """Mark instances whose execution record appeared since the last scan as started (one
+        listing of ``executions/``; the file names carry stage and key)."""
+        base = f"{self.store.root}/{records.EXECUTIONS}"
+        try:
+            names = {p.rstrip("/").rsplit("/", 1)[-1] for p in self.store.fs.ls(base, detail=False)} \
+                if self.store.fs.exists(base) else set()
+        except OSError:
+            return
+        if self.seen_executions is None:  # first scan: records of earlier runs
+            self.seen_executions = names
+            return
+        for name in names - self.seen_executions:
+            parts = name.split("-")
+            inst = self.plan.instances.get((parts[0], parts[1])) if len(parts) == 3 else None
+            if inst is not None and inst.id not in self.done:
+                self.progress.mark_started(inst.stage, inst.key, inst.label)
+        self.seen_executions |= names
+
+    def tick(self) -> None:
+        if self.progress.due():
+            self.scan_started()
+            self.progress.tick(force=True)
 
     def maybe_interrupt(self, inst: StageInstance) -> None:
         """Test hook: Ctrl-C ourselves once a matching instance is finished (DIFFMI_RAY_FAULT=interrupt:...)."""
@@ -171,7 +198,7 @@ class GridRun:
                         self.failed(inst, e)
                     else:
                         self.finished(inst)
-                self.progress.tick()
+                self.tick()
         except KeyboardInterrupt:
             backend.cancel(list(running))
             raise
@@ -225,7 +252,7 @@ class GridRun:
                     error = e
                     break
                 self.finished(inst)
-                self.progress.tick()
+                self.tick()
             self.settle_group(group, error)
             key = "failed" if error else "done"
             self.progress.set_trials(running=0, **{key: self.progress.trials[key] + 1})

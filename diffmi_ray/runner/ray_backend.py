@@ -79,6 +79,7 @@ class _DriverHooks(tune.Callback):
         now = time.time()
         if now - self.last_poll >= min(2.0, self.run.progress.interval):
             self.last_poll = now
+            self.run.scan_started()
             for inst in self.insts:
                 if inst.id not in self.run.done and self.run.store.is_done(*inst.id):
                     self.run.done.add(inst.id)
@@ -89,7 +90,7 @@ class _DriverHooks(tune.Callback):
                         print(f"diffmi-ray: injected interrupt after {inst.stage} {inst.key[:8]}",
                               file=self.run.out, flush=True)
                         signal.raise_signal(signal.SIGINT)  # as Ctrl-C: _sigint_stops_tune
-        self.run.progress.tick()
+        self.run.tick()
 
 
 @contextlib.contextmanager
@@ -157,7 +158,7 @@ def run_trials(run, groups: dict) -> None:
     tuner = tune.Tuner(
         trainable,
         param_space={"group": tune.grid_search(sorted(groups))},
-        tune_config=tune.TuneConfig(max_concurrent_trials=max_conc,
+        tune_config=tune.TuneConfig(max_concurrent_trials=max_conc, reuse_actors=True,
                                     trial_name_creator=lambda t: f"attack-{t.config['group'][:8]}",
                                     trial_dirname_creator=lambda t: f"attack-{t.config['group']}"),
         run_config=tune.RunConfig(

@@ -83,9 +83,13 @@ def _csv(rows: list[dict], columns: tuple[str, ...]) -> str:
     return buf.getvalue()
 
 
-def _read_csv(path) -> list[dict]:
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
+def _read(store: ArtifactStore, uri: str) -> bytes | None:
+    """A file of a finished artifact, read in place (no download of the whole artifact)."""
+    return store.fs.cat_file(uri) if store.fs.exists(uri) else None
+
+
+def _read_csv(data: bytes) -> list[dict]:
+    return list(csv.DictReader(io.StringIO(data.decode())))
 
 
 def _value(v: str):
@@ -95,10 +99,11 @@ def _value(v: str):
         return float("nan")
 
 
-def _copy(store: ArtifactStore, src, dest: str) -> bool:
-    if not src.is_file():
+def _copy(store: ArtifactStore, src: str, dest: str) -> bool:
+    data = _read(store, src)
+    if data is None:
         return False
-    store.write_bytes(dest, src.read_bytes())
+    store.write_bytes(dest, data)
     return True
 
 
@@ -118,26 +123,23 @@ def collect_results(loaded, plan, store: ArtifactStore, states: dict[str, PointS
         ev = roles["evaluate"]
         files = []
         if state.status == "done" and store.is_done(ev.stage, ev.key):
-            art = store.local_path(ev.stage, ev.key)
+            art = store.uri(ev.stage, ev.key)
             base = {"grid": g.name, "point": pid, **desc}
-            pc = art / "per_class.csv"
-            if pc.is_file():
-                for r in _read_csv(pc):
-                    rows.append({**base, "class": r["class"], "metric": r["metric"], "value": _value(r["value"])})
-            ag = art / "aggregate.csv"
-            if ag.is_file():
-                for r in _read_csv(ag):
-                    rows.append({**base, "class": "all", "metric": r["metric"], "value": _value(r["value"])})
-            mj = art / "missing.json"
-            if mj.is_file():
-                for metric, reason in sorted(json.loads(mj.read_text()).items()):
-                    missing.append({"point": pid, "metric": metric, "reason": reason})
+            data = _read(store, f"{art}/per_class.csv")
+            for r in _read_csv(data) if data else []:
+                rows.append({**base, "class": r["class"], "metric": r["metric"], "value": _value(r["value"])})
+            data = _read(store, f"{art}/aggregate.csv")
+            for r in _read_csv(data) if data else []:
+                rows.append({**base, "class": "all", "metric": r["metric"], "value": _value(r["value"])})
+            data = _read(store, f"{art}/missing.json")
+            for metric, reason in sorted(json.loads(data).items()) if data else []:
+                missing.append({"point": pid, "metric": metric, "reason": reason})
             for name in ("samples.npz", "grid.png"):
-                if _copy(store, art / name, f"{pdir}/{name}"):
+                if _copy(store, f"{art}/{name}", f"{pdir}/{name}"):
                     files.append(name)
             ft = roles.get("finetune")
             if ft is not None and store.is_done(ft.stage, ft.key):
-                if _copy(store, store.local_path(ft.stage, ft.key) / "change_rates.json", f"{pdir}/change_rates.json"):
+                if _copy(store, f"{store.uri(ft.stage, ft.key)}/change_rates.json", f"{pdir}/change_rates.json"):
                     files.append("change_rates.json")
         if state.status == "failed" and state.failure:
             failures.append({"point": pid, **desc, **state.failure})
