@@ -25,7 +25,7 @@ base:
   target: {{model: small_cnn}}
   diff_mi:
     prior:
-      unet: {{model_channels: 8, channel_mult: [1, 2], num_res_blocks: 1, attention_resolutions: [8], num_heads: 1}}
+      unet: {{model_channels: 8, channel_mult: [1, 2], num_res_blocks: 1, attention_resolutions: [16], num_heads: 1}}
     attack: {{k: 2}}
     finetune: {{loss_k: 2}}
 """
@@ -200,3 +200,9 @@ def test_missing_checkpoint_file(write_grid, tmp_path):
     text = grid_text(tmp_path).replace("target: {model: small_cnn}", f"target: {{model: small_cnn, checkpoint: {tmp_path}/T.tar}}")
     probs = dict(problems_of(write_grid(text)))
     assert "checkpoint file not found" in probs["base.target.checkpoint"]
+
+
+def test_unet_attention_resolution_must_be_a_feature_map_size(write_grid, tmp_path):
+    text = grid_text(tmp_path).replace("attention_resolutions: [16]", "attention_resolutions: [8]")
+    probs = dict(problems_of(write_grid(text)))
+    assert "valid: [32, 16]" in probs["base.diff_mi.prior.unet.attention_resolutions"]

@@ -135,6 +135,11 @@ def check_point(cfg: ExperimentConfig, protocol) -> list[tuple[str, str]]:
         if size % (2 ** (levels - 1)):
             probs.append(("diff_mi.prior.unet.channel_mult", f"{levels} levels halve the image {levels - 1} "
                           f"times; image size {size} is not divisible by {2 ** (levels - 1)}"))
+        sizes = [size // (2 ** i) for i in range(levels)]
+        bad = [r for r in u.attention_resolutions if r not in sizes]
+        if bad:
+            probs.append(("diff_mi.prior.unet.attention_resolutions", f"{bad} are not feature-map sizes of this "
+                          f"U-Net at image size {size}; valid: {sizes}"))
         if n_cls is not None:
             if mc.attack.loss == "topk_preg" and mc.attack.k >= n_cls:
                 probs.append(("diff_mi.attack.k", f"k={mc.attack.k} must be < the number of classes ({n_cls})"))
