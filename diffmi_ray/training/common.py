@@ -65,8 +65,10 @@ def sharded_loader(dataset: Dataset, global_batch: int, *, shuffle: bool, seed: 
         sampler = RandomSampler(dataset, generator=g)
     else:
         sampler = None
-    return DataLoader(dataset, batch_size=per_worker, sampler=sampler, shuffle=False, drop_last=drop_last,
-                      num_workers=num_workers)
+    loader = DataLoader(dataset, batch_size=per_worker, sampler=sampler, shuffle=False, drop_last=drop_last,
+                        num_workers=num_workers)
+    loader.shuffle_seed = int(seed)  # read by set_epoch: the order depends on (seed, epoch)
+    return loader
 
 
 def set_epoch(loader: DataLoader, epoch: int) -> None:
@@ -74,7 +76,8 @@ def set_epoch(loader: DataLoader, epoch: int) -> None:
     if isinstance(s, DistributedSampler):
         s.set_epoch(epoch)
     elif isinstance(s, RandomSampler) and s.generator is not None:
-        s.generator.manual_seed(hash((epoch, 0x5EED)) & 0xFFFFFFFF)
+        seed = getattr(loader, "shuffle_seed", 0)
+        s.generator.manual_seed((seed * 1_000_003 + epoch * 7919 + 0x5EED) & 0xFFFFFFFF)
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
