@@ -77,6 +77,7 @@ def fake_stages(monkeypatch):
     monkeypatch.setenv("DIFFMI_RAY_STAGES", FAKE)
     monkeypatch.setenv("DIFFMI_RAY_PROGRESS_SECONDS", "1")
     monkeypatch.delenv("DIFFMI_RAY_FAULT", raising=False)
+    monkeypatch.setenv("DIFFMI_RAY_REPORT", "0")
     return monkeypatch
 
 
@@ -85,9 +86,13 @@ def fake_stages(monkeypatch):
 
 def test_local_run_collects_results(tmp_path, fake_stages, capsys):
     grid = smoke_grid(tmp_path)
+    fake_stages.setenv("DIFFMI_RAY_REPORT", "1")
     assert run_grid(load_grid(grid), local=True) == 0
     out = capsys.readouterr().out
     assert "2 done, 0 failed, 0 pending" in out and "trials (attack+evaluate)" in out
+    if "report: not built" not in out:  # reports come from another part of the project
+        assert (tmp_path / "store" / "smoke" / "report" / "report.html").is_file()
+    fake_stages.setenv("DIFFMI_RAY_REPORT", "0")
     store = tmp_path / "store"
     # every unique instance ran exactly once
     assert executions(store) == collections.Counter(plan_ids(grid))

@@ -97,15 +97,30 @@ class GridRun:
                 self._run_ray(address, num_cpus)
         except KeyboardInterrupt:
             self.interrupted = True
-        states, results_dir = {}, None
+        states, results_dir, report = {}, None, None
         try:
             states = self.point_states()
             results_dir = collect_results(self.loaded, self.plan, self.store, states)
+            if any(st.status == "done" for st in states.values()):
+                report = self.build_report(results_dir)
         except KeyboardInterrupt:
             self.interrupted = True
         self.scan_started()
         self.progress.tick(force=True)
-        return self.summary(states, results_dir, time.time() - t0)
+        return self.summary(states, results_dir, report, time.time() - t0)
+
+    def build_report(self, results_dir: str) -> str | None:
+        """Tables, plots and report.html of the results (``DIFFMI_RAY_REPORT=0`` skips this)."""
+        if os.environ.get("DIFFMI_RAY_REPORT", "1") == "0":
+            return None
+        if not self.store.local:
+            return f"not built here (remote storage); fetch {results_dir} and run `diffmi-ray report FOLDER`"
+        try:
+            from diffmi_ray.reporting import build_report
+
+            return str(build_report(results_dir).html)
+        except Exception as e:  # noqa: BLE001 - the results are complete; the report can be rebuilt
+            return f"not built ({records.describe_error(e)[0]}); retry with `diffmi-ray report {results_dir}`"
 
     # ================================================================== bookkeeping
     def finished(self, inst: StageInstance, *, may_interrupt: bool = True) -> None:
@@ -299,13 +314,16 @@ class GridRun:
                 "error_type": rec.get("error_type", ""), "logs": rec.get("logs", {}), "record": rec.get("record")})
         return states
 
-    def summary(self, states: dict[str, PointState], results_dir: str | None, seconds: float) -> int:
+    def summary(self, states: dict[str, PointState], results_dir: str | None, report: str | None,
+                seconds: float) -> int:
         p = print
         counts = {s: sum(1 for st in states.values() if st.status == s) for s in ("done", "failed", "pending")}
         p(f"\ndiffmi-ray: grid '{self.grid.name}': {len(self.plan.points)} point(s): {counts['done']} done, "
           f"{counts['failed']} failed, {counts['pending']} pending  [{_hms(seconds)}]", file=self.out)
         if results_dir:
             p(f"results: {results_dir}/results.csv", file=self.out)
+        if report:
+            p(f"report: {report}", file=self.out)
         failed = [(pid, st) for pid, st in states.items() if st.status == "failed"]
         if failed:
             p(f"\nFAILED grid points ({len(failed)}):", file=self.out)

@@ -1,4 +1,5 @@
-"""The live progress view: a compact plain-text block printed every few seconds.
+"""The live progress view: a compact plain-text block, printed when something changed (at most
+every ``DIFFMI_RAY_PROGRESS_SECONDS``, default 5 s) and at least once a minute.
 
 Example::
 
@@ -44,6 +45,8 @@ class Progress:
     def __post_init__(self):
         self.t0 = time.time()
         self.last = 0.0
+        self.last_counts: tuple | None = None
+        self.heartbeat = max(60.0, self.interval)
         self.done: dict[str, set] = {s: set() for s in STAGES}
         self.failed: dict[str, set] = {s: set() for s in STAGES}
         self.running: dict[tuple[str, str], tuple[str, float]] = {}  # submitted: label, since
@@ -106,9 +109,20 @@ class Progress:
     def due(self) -> bool:
         return time.time() - self.last >= self.interval
 
+    def counts(self) -> tuple:
+        per_stage = tuple((len(self.done[s]), len(self.failed[s]), tuple(sorted(i for i in self.running if i[0] == s)),
+                           len(self.started)) for s in STAGES)
+        return per_stage + (tuple(sorted(self.trials.items())),)
+
     def tick(self, force: bool = False) -> None:
-        """Print the block if the interval has passed (or ``force``)."""
+        """Print the block if something changed and the interval has passed, or a minute has
+        passed anyway, or ``force``."""
         now = time.time()
-        if force or now - self.last >= self.interval:
-            self.last = now
-            print(self.render(), file=self.out, flush=True)
+        if not force:
+            if now - self.last < self.interval:
+                return
+            if self.counts() == self.last_counts and now - self.last < self.heartbeat:
+                return
+        self.last = now
+        self.last_counts = self.counts()
+        print(self.render(), file=self.out, flush=True)
