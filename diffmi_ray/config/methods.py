@@ -208,7 +208,7 @@ class KEDMIPriorConfig(StrictModel):
     """KED-MI: inversion-specific GAN; D also learns T's soft labels on public data."""
 
     arch: GANArchConfig = Field(default_factory=lambda: GANArchConfig(discriminator="kedmi_discriminator"))
-    train: GANTrainConfig = Field(default_factory=lambda: GANTrainConfig(epochs=120, n_critic=1))
+    train: GANTrainConfig = Field(default_factory=lambda: GANTrainConfig(epochs=120, n_critic=5))
     entropy_weight: float = Field(1e-4, ge=0.0, description="Weight of the generator entropy term.")
     feature_matching: bool = Field(True, description="Generator feature-matching loss on D's features.")
 
