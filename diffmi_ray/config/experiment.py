@@ -68,6 +68,10 @@ class ProtocolConfig(StrictModel):
     classes: int = Field(300, ge=1, description="Attack the first C target classes.")
     images_per_class: int = Field(5, ge=1, description="Reconstructions M per attacked class.")
     eval: ClassifierConfig = Field(description="Evaluation classifier E (different from T, trained on D_pri).")
+    reference_images_per_class: int | None = Field(
+        None, ge=1, description="Private training images per attacked class used as references by every metric "
+        "(KNN Dist, FID, pairwise IQA/LPIPS): the first N of the class in split order. None = all of them (the "
+        "paper: about 27 per CelebA identity); CPU grids cap MNIST's ~450 per digit.")
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig, description="Metric options.")
 
 

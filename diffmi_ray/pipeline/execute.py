@@ -52,14 +52,16 @@ def make_context(inst: StageInstance, store: ArtifactStore, out_dir: Path, *, ra
 
 def run_instance(inst: StageInstance, store: ArtifactStore, *, device: str | torch.device = "auto",
                  report: Callable[[dict], None] | None = None, log: Callable[[str], None] | None = None,
-                 rank: int = 0, world_size: int = 1, resources: dict | None = None) -> dict:
+                 rank: int = 0, world_size: int = 1, resources: dict | None = None,
+                 fn: Callable | None = None) -> dict:
     """Run one stage instance unless finished; returns its recorded metrics.
 
     With ``world_size > 1`` every rank runs the stage function, and rank 0 alone commits.
+    ``fn`` replaces the registered stage function (test stand-ins).
     """
     if store.is_done(inst.stage, inst.key):
         return read_metrics(store, inst)
-    fn = get_stage_fn(inst.stage)
+    fn = fn or get_stage_fn(inst.stage)
     record = {"stage": inst.stage, "key": inst.key, "label": inst.label, "config": inst.config,
               "parents": {r: f"{s}/{k}" for r, (s, k) in inst.parents.items()}}
     if rank != 0:

@@ -101,7 +101,8 @@ def plan_point(cfg: ExperimentConfig, protocol: ProtocolConfig) -> dict[str, Sta
                                        "classes": protocol.classes, "images_per_class": protocol.images_per_class,
                                        "seed": seed}, attack_parents, f"attack {cfg.method}")
     roles["evaluate"] = _inst("evaluate", {"evaluation": protocol.evaluation.model_dump(mode="json"),
-                                           "classes": protocol.classes, "images_per_class": protocol.images_per_class},
+                                           "classes": protocol.classes, "images_per_class": protocol.images_per_class,
+                                           "reference_images_per_class": protocol.reference_images_per_class},
                               {"attack": roles["attack"], "eval": evalc, "split": split}, f"evaluate {cfg.method}")
     return roles
 

@@ -1,7 +1,7 @@
 """Stage `evaluate`: every metric of one attack's reconstructions under the pinned protocol.
 
 Private references are the private TRAIN images of the attacked classes (the images T learned from,
-as in the official evaluation). Outputs: ``per_class.csv`` (class, metric, value), ``aggregate.csv``
+as in the official evaluation), optionally the first N per class (protocol.reference_images_per_class). Outputs: ``per_class.csv`` (class, metric, value), ``aggregate.csv``
 (metric, value), ``missing.json`` {metric: reason}, ``notes.json``, ``samples.npz`` (a few
 reconstructions and private images per class, uint8 NHWC, for reports) and ``grid.png``.
 """
@@ -31,7 +31,8 @@ def run(ctx) -> dict:
     split_parent = ctx.parent("split")
     data = data_config_of(split_parent)
     tensors = materialize(load_split(split_parent.path), data, parts=("train",))
-    keep = tensors.train_y < C
+    refs = ctx.config.get("reference_images_per_class")
+    keep = torch.cat([torch.nonzero(tensors.train_y == c).flatten()[:refs] for c in range(C)])
     priv_x, priv_y = tensors.train_x[keep], tensors.train_y[keep]
     eval_model = load_classifier(ctx.parent("eval").path, ctx.device)
 
