@@ -80,8 +80,8 @@ def plot_change_rates(results: Results, labelled: pd.DataFrame, stem: Path) -> l
     seen = set()
     for _, r in labelled[labelled["method"] == "diff_mi"].sort_values("point").iterrows():
         cr = results.change_rates(r["point"])
-        if not cr:
-            continue
+        if not cr or cr.get("change_rate") is None:
+            continue  # no probe ran (an explicit layer list): nothing to draw
         layers = [int(v) for v in cr["layers"]]
         rates = [float(v) for v in cr["change_rate"]]
         key = (r["public"], r["private"], r["target"], tuple(np.round(rates, 10)))
