@@ -147,17 +147,10 @@ class ArtifactStore:
 
     def write_text(self, path: str, text: str) -> None:
         """Atomically write a text file anywhere under the root (temp file + rename/upload)."""
-        if self.local:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-            with open(tmp, "w") as f:
-                f.write(text)
-            os.replace(tmp, path)
-        else:
-            with self.fs.open(path, "w") as f:
-                f.write(text)
+        self.write_bytes(path, text.encode())
 
     def write_bytes(self, path: str, data: bytes) -> None:
+        """Atomically write a file anywhere under the root (temp file + rename locally, one put remotely)."""
         if self.local:
             os.makedirs(os.path.dirname(path), exist_ok=True)
             tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
