@@ -224,16 +224,21 @@ def test_iqa_agrees_with_piq_on_one_pair(channels):
             assert ours == pytest.approx(ref, rel=1e-5, abs=1e-6), name  # same single pair: same batch
 
 
-def test_batched_iqa_equals_per_pair_loop():
-    """The batched suite equals a naive loop over pairs calling piq once per pair (chunks split pairs)."""
+@pytest.mark.parametrize("memo", [True, False])
+def test_batched_iqa_equals_per_pair_loop(memo):
+    """The batched suite equals a naive loop over pairs calling piq once per pair (chunks split pairs),
+    with and without the per-image memo of VSI/FSIM/SR-SIM."""
     g = torch.Generator().manual_seed(1)
     recon = torch.rand(4, 3, 40, 40, generator=g)
     labels = torch.tensor([0, 1, 0, 1])
     private = torch.rand(5, 3, 40, 40, generator=g)
     plabels = torch.tensor([1, 0, 1, 0, 1])
-    names = ["psnr", "ssim", "haarpsi", "srsim", "dss", "mdsi", "fsim"]
-    cfg = EvaluationConfig(metrics=names, pair_batch_size=4, pair_batch_sizes={"fsim": 3, "ssim": 5})
-    res = evaluate_reconstructions(recon, labels, private, plabels, MeanE(), cfg, log=quiet)
+    names = ["psnr", "ssim", "haarpsi", "srsim", "dss", "mdsi", "fsim", "vsi"]
+    cfg = EvaluationConfig(metrics=names, pair_batch_size=4, pair_batch_sizes={"fsim": 3, "ssim": 5},
+                           iqa_memo=memo)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        res = evaluate_reconstructions(recon, labels, private, plabels, MeanE(), cfg, log=quiet)
     pc = res.per_class.set_index(["class", "metric"])["value"]
     for name in names:
         per_recon = []
@@ -244,6 +249,35 @@ def test_batched_iqa_equals_per_pair_loop():
         # float32 piq results move by ~1e-5 relative with the batch they are computed in
         assert res.values()[name] == pytest.approx(np.mean(per_recon), rel=1e-4), name
         assert pc[(0, name)] == pytest.approx((per_recon[0] + per_recon[2]) / 2, rel=1e-4), name
+
+
+def test_per_image_memo_counts_and_lru(monkeypatch):
+    import sys
+    import types
+
+    from diffmi_ray.metrics.memo import PerImageMemo, PerImageStep
+
+    calls = []
+    mod = types.ModuleType("standin_piq_module")  # STAND-IN module with a per-image step
+
+    def step(x, scale=1.0):
+        calls.append(x.shape[0])
+        return x.flatten(1).sum(1) * scale
+
+    mod.step = step
+    monkeypatch.setitem(sys.modules, "standin_piq_module", mod)
+    x = torch.arange(12.0).view(4, 3)
+    with PerImageMemo(PerImageStep("standin_piq_module", "step")) as memo:
+        a = mod.step(x[[0, 1, 0]], scale=2.0)
+        b = mod.step(x[[1, 2]], scale=2.0)
+        c = mod.step(x[[1]], scale=3.0)              # other arguments: another key
+    assert a.tolist() == [6.0, 24.0, 6.0] and b.tolist() == [24.0, 42.0] and c.tolist() == [36.0]
+    assert calls == [2, 1, 1] and memo.hits == 2 and memo.misses == 4  # the duplicate is computed once
+    assert mod.step is step                              # un-patched after the block
+    with PerImageMemo(PerImageStep("standin_piq_module", "step", one_at_a_time=True), max_bytes=8) as memo:
+        calls.clear()
+        mod.step(x)                                      # one call per image; LRU keeps 2 rows of 4 bytes
+        assert calls == [1, 1, 1, 1] and len(memo.cache) == 2
 
 
 def test_small_gray_images_are_upsampled_and_noted():

@@ -58,8 +58,14 @@ class EvaluationConfig(StrictModel):
 
     feature_cache_mb: float = Field(
         1024.0, gt=0,
-        description="Memory budget (MiB) for LPIPS backbone features kept at once; classes are processed in "
-                    "groups that fit.")
+        description="Memory budget (MiB) of per-image caches: LPIPS backbone features (classes are processed "
+                    "in groups that fit) and the per-image steps of VSI/FSIM/SR-SIM (LRU).")
+    iqa_memo: bool = Field(
+        True,
+        description="Compute the per-image steps of VSI (SDSP saliency), FSIM (phase congruency) and SR-SIM "
+                    "(spectral-residual saliency) once per image instead of once per pair, from a content-keyed "
+                    "cache of piq's own outputs (exact). False calls piq plainly (SR-SIM then one pair at a "
+                    "time, since piq's batched SR-SIM normalises over the whole batch).")
 
     # -- weights --------------------------------------------------------------------------------
     weights_dir: str | None = Field(

@@ -330,6 +330,8 @@ def evaluate_reconstructions(images: Tensor, labels: Tensor, private_images: Ten
     iqa = [g for g in groups if g in IQA_SPECS]
     if iqa:
         ri, pj = same_class_pairs(labels, private_labels)
+        by_class = torch.argsort(labels[ri], stable=True)   # class by class: per-image caches stay warm
+        ri, pj = ri[by_class], pj[by_class]
         prepared: dict[tuple[bool, int], tuple[Tensor, Tensor]] = {}
         for name in iqa:
             spec = IQA_SPECS[name]
@@ -339,7 +341,8 @@ def evaluate_reconstructions(images: Tensor, labels: Tensor, private_images: Ten
                 prepared[key] = (prepare_images(images, spec.min_side, spec.rgb, cfg.resize_mode),
                                  prepare_images(private_images, spec.min_side, spec.rgb, cfg.resize_mode))
             x, y = prepared[key]
-            best = pairwise_iqa(name, x, y, ri, pj, pairing=cfg.pairing, chunk=cfg.pair_batch(name), device=dev)
+            best = pairwise_iqa(name, x, y, ri, pj, pairing=cfg.pairing, chunk=cfg.pair_batch(name), device=dev,
+                                memo=cfg.iqa_memo, memo_mb=cfg.feature_cache_mb)
             put({c: {name: v} for c, v in _per_class_mean(best, labels).items()}, {name: _nanmean(best)})
             note = resize_note(spec.min_side, h, w)
             if note:
