@@ -339,7 +339,8 @@ def test_ray_train_job_failed_trial_and_rerun(tmp_path, fake_stages, ray_session
 @pytest.mark.ray
 def test_ray_interrupt_during_trials_then_resume(tmp_path, fake_stages, ray_session, capsys):
     """The split's worker process dies once (Ray retries the task); Ctrl-C during the trials."""
-    fake_stages.setenv("DIFFMI_RAY_FAULT", "crash-once:split; interrupt:attack")
+    # evaluate is held back so the interrupt (sent once the attack is seen finished) lands mid-trial
+    fake_stages.setenv("DIFFMI_RAY_FAULT", "crash-once:split; interrupt:attack; slow:evaluate")
     grid = smoke_grid(tmp_path)
     assert run_grid(load_grid(grid), resume_command="diffmi-ray run RESUME-ME") == 130
     out = capsys.readouterr().out

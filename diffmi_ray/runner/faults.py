@@ -12,7 +12,9 @@ instance of the stage matches. Actions:
     the worker process dies (``os._exit``) the first time the stage runs in this storage root,
     exercising Ray's retries (task retries, Ray Train / Tune FailureConfig);
 ``interrupt``
-    the driver sends itself SIGINT (as Ctrl-C would) as soon as a matching instance has finished.
+    the driver sends itself SIGINT (as Ctrl-C would) as soon as a matching instance has finished;
+``slow``
+    the worker waits ``SLOW_SECONDS`` before running the stage (so an interrupt lands while it runs).
 
 ``DIFFMI_RAY_STAGES`` names a module whose ``STAGE_FNS`` dict (stage -> ``run(ctx)``) replaces the
 real stage functions (fast runner tests; see :mod:`diffmi_ray.runner.testing`).
@@ -30,7 +32,8 @@ from diffmi_ray.errors import StageError, UserError
 
 FAULT_ENV = "DIFFMI_RAY_FAULT"
 STAGES_ENV = "DIFFMI_RAY_STAGES"
-ACTIONS = ("fail", "crash-once", "interrupt")
+ACTIONS = ("fail", "crash-once", "interrupt", "slow")
+SLOW_SECONDS = 6.0
 
 
 @dataclass(frozen=True)
@@ -69,6 +72,10 @@ def apply_worker_faults(faults: list[Fault], store, stage: str, key: str, label:
         if f.action == "fail":
             raise StageError(f"{stage}/{key[:8]} ({label}): injected fault ({FAULT_ENV}={f.action}:{f.stage}"
                              f"{':' + f.match if f.match else ''})")
+        if f.action == "slow":
+            import time
+
+            time.sleep(SLOW_SECONDS)
         if f.action == "crash-once":
             marker = f"{store.root}/faults/crash-once-{stage}-{key}"
             if not store.fs.exists(marker):
