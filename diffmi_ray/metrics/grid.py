@@ -7,8 +7,6 @@ n_private_per_class=cfg.grid_private_per_class, max_classes=cfg.grid_max_classes
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -57,17 +55,10 @@ def save_image_grid(path: str | Path, recon: Tensor, recon_labels: Tensor, priva
     Returns the path. Gray images are drawn as gray RGB.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     g = grid_tensor(recon, recon_labels, private, private_labels,
                     n_private_per_class=n_private_per_class, max_classes=max_classes)
     arr = (g.mul(255).round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy())  # (H', W', 3)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            Image.fromarray(np.ascontiguousarray(arr)).save(f, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    from diffmi_ray.metrics.suite import write_atomic
+
+    return write_atomic(path, lambda f: Image.fromarray(np.ascontiguousarray(arr)).save(f, format="PNG"),
+                        mode="wb", suffix=".png")

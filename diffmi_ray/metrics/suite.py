@@ -111,20 +111,26 @@ class EvaluationResult:
         return write_csv_atomic(self.to_frame(meta), path)
 
 
-def write_csv_atomic(df: pd.DataFrame, path: str | Path) -> Path:
-    """``df.to_csv(path, index=False)`` via a temp file and ``os.replace`` (readers never see half a file)."""
+def write_atomic(path: str | Path, write: Callable[[object], None], *, mode: str = "w", suffix: str = ".tmp") -> Path:
+    """Call ``write(file)`` on a temp file in ``path``'s folder, then ``os.replace`` it onto ``path``
+    (readers never see half a file; the temp file is removed on any error)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
     try:
-        with os.fdopen(fd, "w", newline="") as f:
-            df.to_csv(f, index=False)
+        with os.fdopen(fd, mode, **({"newline": ""} if "b" not in mode else {})) as f:
+            write(f)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
     return path
+
+
+def write_csv_atomic(df: pd.DataFrame, path: str | Path) -> Path:
+    """``df.to_csv(path, index=False)`` via a temp file and ``os.replace`` (readers never see half a file)."""
+    return write_atomic(path, lambda f: df.to_csv(f, index=False))
 
 
 def _check_inputs(images: Tensor, labels: Tensor, private_images: Tensor, private_labels: Tensor) -> None:

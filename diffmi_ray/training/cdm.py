@@ -220,15 +220,12 @@ def train(ctx) -> dict:
     """
     from diffmi_ray.data.splits import materialize
     from diffmi_ray.pipeline.stages.pseudo_labels import load_pseudo_labels, training_pairs
-    from diffmi_ray.pipeline.stages.split import data_config_of, load as load_split
+    from diffmi_ray.pipeline.stages.split import data_config_for, load as load_split
 
     cfg = CDMPriorConfig.model_validate(ctx.config["prior"])
     image_size, channels = int(ctx.config["image_size"]), int(ctx.config["channels"])
     split_parent = ctx.parent("split")
-    data = data_config_of(split_parent)
-    if (data.image_size, data.channels) != (image_size, channels):
-        raise UserError(f"{ctx.stage}/{ctx.key}: geometry {channels}x{image_size}px differs from the split's "
-                        f"{data.channels}x{data.image_size}px")
+    data = data_config_for(ctx, split_parent)
     split = load_split(split_parent.path)
     num_classes = split.num_classes
     if cfg.checkpoint:

@@ -24,3 +24,15 @@ def load(path) -> Split:
 def data_config_of(parent) -> DataConfig:
     """The DataConfig of a finished `split` parent (a pipeline.context.Parent)."""
     return DataConfig.model_validate(parent.config["config"]["data"])
+
+
+def data_config_for(ctx, parent) -> DataConfig:
+    """The split parent's DataConfig, checked against the geometry in the stage's own config."""
+    from diffmi_ray.errors import UserError
+
+    data = data_config_of(parent)
+    image_size, channels = int(ctx.config["image_size"]), int(ctx.config["channels"])
+    if (data.image_size, data.channels) != (image_size, channels):
+        raise UserError(f"{ctx.stage}/{ctx.key}: geometry {channels}x{image_size}px differs from the split's "
+                        f"{data.channels}x{data.image_size}px")
+    return data

@@ -33,7 +33,7 @@ from diffmi_ray.data.splits import materialize
 from diffmi_ray.errors import UserError
 from diffmi_ray.models import create, get_info
 from diffmi_ray.models.checkpoints import compare_state_dict, load_state_dict_file
-from diffmi_ray.pipeline.stages.split import data_config_of, load as load_split
+from diffmi_ray.pipeline.stages.split import data_config_for, load as load_split
 from diffmi_ray.training.classifier import accuracy, fit
 from diffmi_ray.training.common import seed_everything
 
@@ -95,10 +95,7 @@ def run(ctx) -> dict:
     cfg = ClassifierConfig.model_validate(ctx.config["classifier"])
     image_size, channels = int(ctx.config["image_size"]), int(ctx.config["channels"])
     parent = ctx.parent("split")
-    data = data_config_of(parent)
-    if (data.image_size, data.channels) != (image_size, channels):
-        raise UserError(f"{ctx.stage}/{ctx.key}: geometry {channels}x{image_size}px differs from the split's "
-                        f"{data.channels}x{data.image_size}px")
+    data = data_config_for(ctx, parent)
     split = load_split(parent.path)
     tensors = materialize(split, data, parts=("train", "test"))
     num_classes = split.num_classes
