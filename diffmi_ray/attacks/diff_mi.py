@@ -14,6 +14,11 @@ tensors in the diffusion space [-1, 1] unless said otherwise)::
     x_r = q_sample(x0, renoise_t) ; x0 = DDIM(x_r -> clean, ddim_steps, eta, CFG w)
     image = (clamp(x0, -1, 1) + 1) / 2 ; image = PGD_L2(T, image, y)   (if enabled)
 
+Latent CDMs (Table VI): x0 lives in the first-stage autoencoder's scaled latent space; the prior
+step, the re-noise and the DDIM run there unchanged, and ``decode(x0)`` (frozen, differentiable,
+resized to the target's image size) replaces x0 wherever T looks at it (the attack step and the
+final image); gradient clipping then acts on the latent gradient.
+
 Batch independence: every random draw of a sample (its initial x0, each iteration's eps, the
 augmentation parameters of its copies, the re-noise and DDIM noise, the PGD start) comes from its
 own generator ``sample_generator(seed, class, repeat)``, the losses are sums over samples of
@@ -166,8 +171,13 @@ class DiffMIAttack(Attack):
         from diffmi_ray.training.cdm import load
 
         cfg: DiffMIAttackConfig = self.config
+        from diffmi_ray.training.cdm import load_codec
+
         self.unet, self.sched, self.meta = load(inputs.generator_dir, self.device, trainable=False)
-        shape = (int(self.meta["channels"]), int(self.meta["image_size"]), int(self.meta["image_size"]))
+        self.codec = load_codec(inputs.generator_dir, self.meta, self.device)
+        self.x_shape = (int(self.meta["channels"]), int(self.meta["image_size"]), int(self.meta["image_size"]))
+        shape = self.x_shape if self.codec is None else (
+            self.codec.pixel_channels, self.codec.output_size, self.codec.output_size)
         if shape != tuple(inputs.image_shape):
             raise UserError(f"the CDM in {inputs.generator_dir} makes {shape} images, the target takes "
                             f"{tuple(inputs.image_shape)}")
@@ -218,11 +228,15 @@ class DiffMIAttack(Attack):
             return target.features_and_logits(v)
         return target.features(v), target(v)
 
+    def _pixels(self, x: torch.Tensor) -> torch.Tensor:
+        """x0 in the diffusion space -> the image in [-1, 1] space (decoded for a latent CDM)."""
+        return x if self.codec is None else self.codec.decode(x)
+
     def _invert_batch(self, y: torch.Tensor, ids, seed: int, ts: list[int]):
         cfg = self.config
         dev = self.device
         B = len(y)
-        C, H, W = self.inputs.image_shape
+        C, H, W = self.x_shape
         rng = _SampleRNG(seed, ids, dev)
         y = y.to(dev)
         y_tiled = y.repeat(cfg.aug_copies)  # [y0..yB-1, y0..yB-1, ...] (official tiling)
@@ -247,7 +261,7 @@ class DiffMIAttack(Attack):
             # (b) attack step on aug_copies augmented copies; L_cls is a mean over B * copies rows,
             # times B = sum over samples of the per-sample mean over copies
             params = torch.cat([rng.rand(4) for _ in range(cfg.aug_copies)])  # (copies * B, 4), copy-major
-            v = augment(from_pm1(x).repeat(cfg.aug_copies, 1, 1, 1), params).clamp(0.0, 1.0)
+            v = augment(from_pm1(self._pixels(x)).repeat(cfg.aug_copies, 1, 1, 1), params).clamp(0.0, 1.0)
             feats, logits = self._target_outputs(v)
             loss = l_cls(logits, y_tiled, loss=cfg.loss, k=cfg.k, alpha=cfg.alpha, features=feats,
                          centroids=self.centroids) * B
@@ -270,7 +284,7 @@ class DiffMIAttack(Attack):
                 noise = [rng.randn(C, H, W) for _ in range(cfg.ddim_steps)] if cfg.ddim_eta > 0 else None
                 x0 = ddim_sample(self.eps_model, self.sched, x_r, ddim_timesteps(t_start, cfg.ddim_steps), y,
                                  eta=cfg.ddim_eta, noise=noise)
-            img = from_pm1(x0.clamp(-1.0, 1.0))
+            img = from_pm1(self._pixels(x0).clamp(-1.0, 1.0))
         if cfg.pgd.enabled:
             img = pgd_l2(self.inputs.target, img, y, cfg.pgd.eps, cfg.pgd.step_size, cfg.pgd.iterations,
                          cfg.pgd.random_start, generator=rng.gens)

@@ -130,16 +130,32 @@ def check_point(cfg: ExperimentConfig, protocol) -> list[tuple[str, str]]:
     mc = cfg.method_config()
     if m == "diff_mi":
         u = mc.prior.unet
-        check_model("diff_mi.prior.unet.model", u.model, "unet", size, ch)
-        levels = len(u.channel_mult)
-        if size % (2 ** (levels - 1)):
-            probs.append(("diff_mi.prior.unet.channel_mult", f"{levels} levels halve the image {levels - 1} "
-                          f"times; image size {size} is not divisible by {2 ** (levels - 1)}"))
-        sizes = [size // (2 ** i) for i in range(levels)]
-        bad = [r for r in u.attention_resolutions if r not in sizes]
-        if bad:
-            probs.append(("diff_mi.prior.unet.attention_resolutions", f"{bad} are not feature-map sizes of this "
-                          f"U-Net at image size {size}; valid: {sizes}"))
+        usize, uch, what = size, ch, "image size"
+        lat = mc.prior.latent
+        if lat is not None:  # the U-Net works on the autoencoder's latents
+            from diffmi_ray.models.autoencoder import latent_geometry
+
+            geo = latent_geometry(lat, size, ch)
+            if geo is None:
+                usize = None  # a Hub autoencoder: its geometry is known when the stage runs
+            else:
+                lsize, uch, f = geo
+                ae_size = lat.image_size or size
+                if ae_size % f:
+                    probs.append(("diff_mi.prior.latent.image_size", f"{ae_size} px is not divisible by the "
+                                  f"autoencoder's downsampling factor {f}"))
+                usize, what = lsize, f"latent size ({ae_size} px / {f})"
+        if usize is not None:
+            check_model("diff_mi.prior.unet.model", u.model, "unet", usize, uch)
+            levels = len(u.channel_mult)
+            if usize % (2 ** (levels - 1)):
+                probs.append(("diff_mi.prior.unet.channel_mult", f"{levels} levels halve the input {levels - 1} "
+                              f"times; {what} {usize} is not divisible by {2 ** (levels - 1)}"))
+            sizes = [usize // (2 ** i) for i in range(levels)]
+            bad = [r for r in u.attention_resolutions if r not in sizes]
+            if bad:
+                probs.append(("diff_mi.prior.unet.attention_resolutions", f"{bad} are not feature-map sizes of "
+                              f"this U-Net at {what} {usize}; valid: {sizes}"))
         if n_cls is not None:
             if mc.attack.loss == "topk_preg" and mc.attack.k >= n_cls:
                 probs.append(("diff_mi.attack.k", f"k={mc.attack.k} must be < the number of classes ({n_cls})"))

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import ClassVar, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from diffmi_ray.config.base import StrictModel
 
@@ -83,10 +83,53 @@ class DiffusionConfig(StrictModel):
     beta_end: float = Field(0.02, gt=0.0, lt=1.0, description="beta_T.")
 
 
+class AutoencoderArchConfig(StrictModel):
+    """A diffusers ``AutoencoderKL`` built and trained here when ``latent.pretrained`` is None.
+
+    Downsampling factor f = 2 ** (len(block_out_channels) - 1): (64, 128, 128) gives f = 4, LDM's
+    kl-f4 geometry (256 px -> 64 x 64 latents).
+    """
+
+    block_out_channels: list[int] = Field([64, 128, 128], min_length=1, description="Channels per level.")
+    layers_per_block: int = Field(1, ge=1, description="ResNet blocks per level.")
+    latent_channels: int = Field(3, ge=1, description="Latent channels (LDM kl-f4: 3).")
+    norm_num_groups: int = Field(32, ge=1, description="GroupNorm groups (must divide every width).")
+
+
+class LatentConfig(StrictModel):
+    """Latent diffusion (paper Table VI, LDM): the CDM works on an autoencoder's scaled latents.
+
+    Images (resized to ``image_size``) are encoded once to latents z; the CDM trains, fine-tunes and
+    attacks on ``z * scaling_factor``; the decoder (frozen, differentiable) turns latents back into
+    images for the target classifier. See :mod:`diffmi_ray.models.autoencoder`.
+    """
+
+    pretrained: str | None = Field(
+        None, description="A diffusers AutoencoderKL or VQModel: Hugging Face Hub id or local folder "
+        "(from_pretrained; the class is read from its config.json). None: build `arch` and train it on the "
+        "CDM's training images for `iterations` steps (offline / CPU-scale).")
+    subfolder: str | None = Field(None, description="Subfolder of `pretrained` holding the autoencoder (e.g. vqvae).")
+    image_size: int | None = Field(
+        None, ge=8, description="Pixel size the autoencoder works at: images are resized to it before encoding, "
+        "decoded images are resized to the data's image_size. None = the data's image_size (paper: 256).")
+    scaling_factor: float | None = Field(
+        None, gt=0.0, description="Latent scale s (the CDM sees z * s). None: 1 / std of the encoded training "
+        "latents (LDM's scale_by_std); Stable Diffusion's VAE uses 0.18215.")
+    arch: AutoencoderArchConfig = Field(default_factory=AutoencoderArchConfig)
+    iterations: int = Field(2000, ge=0, description="Training steps of the autoencoder built from `arch` "
+                            "(0 keeps the random initialisation: only for testing the code path).")
+    batch_size: int = Field(32, ge=1, description="Autoencoder training batch.")
+    lr: float = Field(1e-3, gt=0.0, description="Adam learning rate of the autoencoder.")
+    kl_weight: float = Field(1e-6, ge=0.0, description="Weight of the KL term (LDM's KL-regularised autoencoders: 1e-6).")
+    encode_batch_size: int = Field(64, ge=1, description="Batch size when encoding the training images.")
+
+
 class CDMPriorConfig(StrictModel):
     """Diff-MI step 1b: pretrain the CDM on pseudo-labelled public data."""
 
     unet: UNetConfig = Field(default_factory=UNetConfig)
+    latent: LatentConfig | None = Field(
+        None, description="Train the CDM in an autoencoder's latent space (Table VI); None = pixel space.")
     diffusion: DiffusionConfig = Field(default_factory=DiffusionConfig)
     iterations: int = Field(50_000, ge=1, description="Optimiser steps (paper 50k; 100k is better).")
     batch_size: int = Field(300, ge=1, description="Global batch (official: 150 per GPU on 2 GPUs).")
@@ -102,6 +145,12 @@ class CDMPriorConfig(StrictModel):
         "selection (more data for tiny public sets).")
     checkpoint_every: int = Field(1000, ge=1, description="Save a resumable checkpoint every N steps.")
     checkpoint: str | None = Field(None, description="Load the Diff-MI authors' released CDM instead of training.")
+
+    @model_validator(mode="after")
+    def _released_is_pixel_space(self):
+        if self.checkpoint and self.latent is not None:
+            raise ValueError("checkpoint (the released pixel-space CDM) cannot be combined with latent")
+        return self
 
 
 class FinetuneConfig(StrictModel):

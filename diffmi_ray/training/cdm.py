@@ -23,6 +23,15 @@ exactly the steps k+1.. of an uninterrupted run. Checkpoints (model, EMA, optimi
 written every ``checkpoint_every`` steps with ``ctx.save_checkpoint`` and ``ctx.report`` is called
 right after each one.
 
+Latent diffusion (``prior.latent``, paper Table VI): the public images are encoded once by the
+first-stage autoencoder (:class:`~diffmi_ray.models.autoencoder.LatentCodec`; pretrained, or built
+from ``latent.arch`` and trained here first by :mod:`diffmi_ray.training.autoencoder`), and the CDM
+learns the same loss on the scaled latents ``z * s`` instead of [-1, 1] pixels. No dequantisation
+(latents are continuous); the flip is applied to the image before encoding (both the images and
+their mirror images are encoded). ``s`` is ``latent.scaling_factor`` or 1 / std of all training
+latents. The trained autoencoder and ``s`` are part of every checkpoint, so a resumed run does not
+retrain it.
+
 ``checkpoint: PATH`` skips training and loads the Diff-MI authors' released CDM (a raw state_dict of
 ``diffmi_unet_64``: 64 px RGB, label embedding of num_classes + 1 rows).
 
@@ -30,7 +39,10 @@ Artifact (rank 0 writes ``ctx.out_dir``), read back by :func:`load`:
 
 * ``unet.pt`` — bare state_dict of the EMA U-Net (no ``module.`` prefix), ``weights_only`` loadable;
 * ``model.json`` — ``{"model": registry name, "kwargs": constructor keywords, "num_classes",
-  "image_size", "channels", "diffusion": {"steps", "beta_start", "beta_end"}, ...}``.
+  "image_size", "channels", "diffusion": {"steps", "beta_start", "beta_end"}, ...}``; image_size and
+  channels are the U-Net's (the latent's in latent mode); latent mode adds ``"latent"``
+  (:meth:`LatentCodec.meta` plus ``data_image_size``, the size decoded images are resized to);
+* ``autoencoder/`` (latent mode only) — the first-stage autoencoder (diffusers ``save_pretrained``).
 
 :func:`save_cdm` writes the same two files for any U-Net (the fine-tuning stage uses it).
 """
@@ -51,8 +63,8 @@ from diffmi_ray.errors import UserError
 from diffmi_ray.models import create
 from diffmi_ray.training.common import EMA, is_distributed, seed_everything, unwrap, wrap_ddp
 
-__all__ = ["MODEL_FILE", "INFO_FILE", "unet_kwargs", "build_unet", "save_cdm", "schedule_of", "load", "null_batch",
-           "dequantize", "train"]
+__all__ = ["MODEL_FILE", "INFO_FILE", "unet_kwargs", "build_unet", "save_cdm", "schedule_of", "load", "load_codec",
+           "null_batch", "dequantize", "train"]
 
 MODEL_FILE = "unet.pt"
 INFO_FILE = "model.json"
@@ -92,19 +104,24 @@ def build_unet(meta: dict) -> torch.nn.Module:
     return create(meta["model"], int(meta["num_classes"]), **meta.get("kwargs", {}))
 
 
-def save_cdm(out_dir: str | Path, unet: torch.nn.Module, meta: dict) -> None:
+def save_cdm(out_dir: str | Path, unet: torch.nn.Module, meta: dict, codec=None) -> None:
     """Write ``unet.pt`` (bare state_dict on the CPU) and ``model.json`` (``meta``) into ``out_dir``.
 
     ``meta`` needs at least model, kwargs, num_classes, image_size, channels and diffusion
-    ({steps, beta_start, beta_end}); extra keys (e.g. provenance) are kept.
+    ({steps, beta_start, beta_end}); extra keys (e.g. provenance) are kept. A latent CDM passes its
+    :class:`~diffmi_ray.models.autoencoder.LatentCodec` (saved to ``autoencoder/``; meta must hold "latent").
     """
     missing = [k for k in ("model", "kwargs", "num_classes", "image_size", "channels", "diffusion") if k not in meta]
     if missing:
         raise ValueError(f"save_cdm: meta lacks {missing}")
+    if (codec is None) != ("latent" not in meta):
+        raise ValueError("save_cdm: a latent CDM needs both its codec and meta['latent']")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     sd = {k: v.detach().cpu().clone() for k, v in unwrap(unet).state_dict().items()}
     torch.save(sd, out / MODEL_FILE)
+    if codec is not None:
+        codec.save(out)
     (out / INFO_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True, default=str))
 
 
@@ -135,6 +152,15 @@ def load(path: str | Path, device: str | torch.device = "cpu", trainable: bool =
         prm.requires_grad_(trainable)
     dev = torch.device(device) if isinstance(device, str) else device
     return unet.to(dev), schedule_of(meta), meta
+
+
+def load_codec(path: str | Path, meta: dict, device: str | torch.device = "cpu"):
+    """The frozen :class:`~diffmi_ray.models.autoencoder.LatentCodec` of a latent CDM artifact, else None."""
+    if "latent" not in meta:
+        return None
+    from diffmi_ray.models.autoencoder import LatentCodec
+
+    return LatentCodec.load(path, meta["latent"], device)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -211,6 +237,49 @@ def _load_released(ctx, cfg: CDMPriorConfig, num_classes: int, image_size: int, 
     return {"steps": 0, "source": str(cfg.checkpoint)}
 
 
+def _prepare_latents(ctx, cfg: CDMPriorConfig, images: torch.Tensor, channels: int, data_size: int,
+                     state: dict | None):
+    """Latent mode: (codec, latents of images, latents of the mirrored images or None, info dict).
+
+    The autoencoder is the pretrained one, the one in a resumed checkpoint, or trained here.
+    """
+    from diffmi_ray.models.autoencoder import LatentCodec, build_autoencoder, load_pretrained
+    from diffmi_ray.training.autoencoder import train_autoencoder
+
+    lat = cfg.latent
+    size = lat.image_size or data_size
+    info: dict = {}
+    if lat.pretrained:
+        ae = load_pretrained(lat)
+        if int(ae.config.in_channels) != channels:
+            raise UserError(f"prior.latent.pretrained {lat.pretrained!r} takes {ae.config.in_channels}-channel "
+                            f"images; the data has {channels}")
+    else:
+        seed_everything(ctx.seed, rank=0)
+        ae = build_autoencoder(lat, channels, size)
+        if state is not None and "autoencoder" in state:
+            ae.load_state_dict(state["autoencoder"])
+            info["autoencoder"] = "from checkpoint"
+        else:
+            ctx.log(f"training the autoencoder ({sum(p.numel() for p in ae.parameters()) / 1e6:.2f}M params, "
+                    f"f={2 ** (len(lat.arch.block_out_channels) - 1)}) for {lat.iterations} steps")
+            info["autoencoder"] = train_autoencoder(ae, images, lat, seed=ctx.seed, device=ctx.device, log=ctx.log)
+    codec = LatentCodec(ae, size, 1.0, output_size=data_size).to(ctx.device)
+    z = codec.encode_all(images, lat.encode_batch_size, ctx.device)
+    z_flip = codec.encode_all(images.flip(-1), lat.encode_batch_size, ctx.device) if cfg.hflip else None
+    if lat.scaling_factor is not None:
+        scale = float(lat.scaling_factor)
+    elif state is not None and "scaling_factor" in state:
+        scale = float(state["scaling_factor"])
+    else:
+        scale = 1.0 / max(float(z.float().std()), 1e-8)
+    codec.scaling_factor = scale
+    z = z * scale
+    z_flip = z_flip * scale if z_flip is not None else None
+    ctx.log(f"latent space {tuple(z.shape[1:])} (x{codec.downsample} down from {size} px), scale {scale:.5g}")
+    return codec, z, z_flip, info
+
+
 def train(ctx) -> dict:
     """Pretrain (or load) the CDM; rank 0 writes ``unet.pt`` + ``model.json``.
 
@@ -238,9 +307,18 @@ def train(ctx) -> dict:
     images = public_x[pos]  # (N, C, H, W)
     n = len(images)
 
+    state = ctx.load_checkpoint()
+
+    # ---- latent mode: the autoencoder and the training latents
+    codec, latents, latents_flip, latent_info = None, None, None, {}
+    unet_size, unet_channels = image_size, channels
+    if cfg.latent is not None:
+        codec, latents, latents_flip, latent_info = _prepare_latents(ctx, cfg, images, channels, image_size, state)
+        unet_channels, unet_size = codec.latent_shape[0], codec.latent_size
+
     # ---- model, EMA, optimiser (identical initial weights on every worker)
     seed_everything(ctx.seed, rank=0)
-    kwargs = unet_kwargs(cfg.unet, image_size, channels)
+    kwargs = unet_kwargs(cfg.unet, unet_size, unet_channels)
     unet = create(cfg.unet.model, num_classes, **kwargs)
     rank, world = _world()
     model = wrap_ddp(unet, ctx.device)
@@ -250,9 +328,18 @@ def train(ctx) -> dict:
     T, null = sched.num_timesteps, null_class(num_classes)
     params = sum(p.numel() for p in unet.parameters())
 
+    def checkpoint_state(step: int) -> dict:
+        out = {"step": step, "model": unwrap(model).state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict()}
+        if codec is not None:
+            out["scaling_factor"] = codec.scaling_factor
+            if cfg.latent.pretrained is None:
+                out["autoencoder"] = {k: v.detach().cpu() for k, v in codec.ae.state_dict().items()}
+        return out
+
     start = 0
-    state = ctx.load_checkpoint()
-    if state is not None:
+    if state is None and codec is not None and cfg.latent.pretrained is None:
+        ctx.save_checkpoint(checkpoint_state(0))  # the trained autoencoder survives an interruption
+    if state is not None and int(state["step"]) > 0:
         unwrap(model).load_state_dict(state["model"])
         ema.load_state_dict(state["ema"])
         opt.load_state_dict(state["opt"])
@@ -270,16 +357,23 @@ def train(ctx) -> dict:
     for step in range(start + 1, cfg.iterations + 1):
         idx = _global_batch(ctx.seed, step, n, per_worker * world)[rank * per_worker:(rank + 1) * per_worker]
         g = sample_generator(ctx.seed, 0x57E9, step, rank)
-        x = images[idx]
-        if cfg.dequantize:
-            x = dequantize(x, g)
-        if cfg.hflip:
-            flip = torch.rand(len(x), generator=g) < 0.5
-            x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
-        y = torch.full((len(x),), null) if null_batch(ctx.seed, step, cfg.null_prob) else labels[idx]
-        t = torch.randint(T, (len(x),), generator=g)
-        noise = torch.randn(x.shape, generator=g)
-        x0 = to_pm1(x).to(ctx.device)
+        if codec is not None:  # scaled latents; the flip happened before encoding
+            x0 = latents[idx]
+            if cfg.hflip:
+                flip = torch.rand(len(x0), generator=g) < 0.5
+                x0 = torch.where(flip.view(-1, 1, 1, 1), latents_flip[idx], x0)
+        else:
+            x = images[idx]
+            if cfg.dequantize:
+                x = dequantize(x, g)
+            if cfg.hflip:
+                flip = torch.rand(len(x), generator=g) < 0.5
+                x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
+            x0 = to_pm1(x)
+        y = torch.full((len(x0),), null) if null_batch(ctx.seed, step, cfg.null_prob) else labels[idx]
+        t = torch.randint(T, (len(x0),), generator=g)
+        noise = torch.randn(x0.shape, generator=g)
+        x0 = x0.to(ctx.device)
         loss = eps_loss(model, sched, x0, y.to(ctx.device), t.to(ctx.device), noise.to(ctx.device))
         ctx.check_finite("CDM loss", loss)
         opt.zero_grad(set_to_none=True)
@@ -291,14 +385,17 @@ def train(ctx) -> dict:
             ctx.log(f"step {step}/{cfg.iterations} loss {sum(recent) / len(recent):.4f} "
                     f"({(time.time() - t0) / (step - start):.2f} s/step)")
         if step % cfg.checkpoint_every == 0 and step < cfg.iterations:
-            ctx.save_checkpoint({"step": step, "model": unwrap(model).state_dict(), "ema": ema.state_dict(),
-                                 "opt": opt.state_dict()})
+            ctx.save_checkpoint(checkpoint_state(step))
             ctx.report({"step": step, "loss": sum(recent) / len(recent)})
 
     steps_run = cfg.iterations - start
     if ctx.is_main:
-        save_cdm(ctx.out_dir, ema.shadow, _meta(cfg, cfg.unet.model, kwargs, num_classes, image_size, channels,
-                                                  source="trained", steps=cfg.iterations, examples=n))
+        extra = {}
+        if codec is not None:
+            extra["latent"] = {**codec.meta(), "pretrained": cfg.latent.pretrained, "subfolder": cfg.latent.subfolder}
+        save_cdm(ctx.out_dir, ema.shadow, _meta(cfg, cfg.unet.model, kwargs, num_classes, unet_size, unet_channels,
+                                                  source="trained", steps=cfg.iterations, examples=n, **extra),
+                 codec=codec)
     return {"steps": cfg.iterations, "loss": (sum(recent) / len(recent)) if recent else None,
-            "resumed_from": start, "params": params, "examples": n,
+            "resumed_from": start, "params": params, "examples": n, **latent_info,
             "seconds_per_step": (time.time() - t0) / steps_run if steps_run else 0.0}

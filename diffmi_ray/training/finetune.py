@@ -52,6 +52,11 @@ e) at every epoch start: a run resumed at an epoch boundary replays exactly the 
 uninterrupted run would have. The U-Net runs in eval mode (no dropout in the chain); T is frozen in
 eval mode.
 
+Latent CDMs (Table VI): the sampler runs in the latent space and every loss target is decoded by
+the frozen first-stage decoder (:class:`~diffmi_ray.models.autoencoder.LatentCodec`, resized to the
+data's image size) before T sees it; gradients flow through the decoder into the U-Net. With
+``grad_checkpointing`` each decode is recomputed in backward too.
+
 Optimiser: AdamW(lr, weight_decay=0) on the trainable parameters (the official setting; torch's
 default weight decay of 0.01 is not used).
 
@@ -74,6 +79,7 @@ from typing import Sequence
 import kornia.augmentation as KA
 import torch
 import torch.distributed as dist
+import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from diffmi_ray.attacks.losses import l_cls
@@ -280,8 +286,9 @@ class FinetuneResult:
 class _Step:
     """One optimisation step's machinery for a given trainable set (DDP-wrapped sampler + AdamW)."""
 
-    def __init__(self, unet, sched, target, centroids, cfg: FinetuneConfig, ctx, names: list[str]):
+    def __init__(self, unet, sched, target, centroids, cfg: FinetuneConfig, ctx, names: list[str], codec=None):
         self.params = set_trainable(unet, names)
+        self.codec = codec
         self.names = names
         sampler = DifferentiableSampler(unet, sched, steps=cfg.sampler_steps, guidance=cfg.guidance,
                                         official_intermediates=cfg.official_intermediates,
@@ -289,8 +296,13 @@ class _Step:
         self.sampler = wrap_ddp(sampler, ctx.device)
         self.opt = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=0.0)
         self.target, self.centroids, self.cfg, self.ctx = target, centroids, cfg, ctx
-        self.augment = make_augment(unet.image_size)
+        self.augment = make_augment(codec.output_size if codec is not None else unet.image_size)
         self.shape = (unet.in_channels, unet.image_size, unet.image_size)
+
+    def _decode(self, z: Tensor) -> Tensor:
+        if self.cfg.grad_checkpointing:
+            return torch.utils.checkpoint.checkpoint(self.codec.decode, z, use_reentrant=False)
+        return self.codec.decode(z)
 
     def __call__(self, batch: ClassBatch, phase: int, epoch: int) -> tuple[float, Tensor]:
         cfg, ctx = self.cfg, self.ctx
@@ -299,6 +311,8 @@ class _Step:
                                device=ctx.device)
         self.opt.zero_grad(set_to_none=True)
         targets = self.sampler(x_T, y)
+        if self.codec is not None:
+            targets = [self._decode(z) for z in targets]
         loss, correct = classifier_loss(self.target, targets, y, augment=self.augment, copies=cfg.aug_copies,
                                         k=cfg.loss_k, alpha=cfg.loss_alpha, centroids=self.centroids)
         ctx.check_finite("fine-tuning loss", loss)
@@ -313,7 +327,7 @@ def _world() -> tuple[int, int]:
     return 0, 1
 
 
-def _probe(unet, sched, target, centroids, cfg: FinetuneConfig, ctx, num_classes: int) -> list[float]:
+def _probe(unet, sched, target, centroids, cfg: FinetuneConfig, ctx, num_classes: int, codec=None) -> list[float]:
     """Fine-tune all 13 middle-block layers + label_emb for ``probe_steps`` steps; return Delta_1..13.
 
     The caller restores the pretrained weights afterwards.
@@ -321,7 +335,7 @@ def _probe(unet, sched, target, centroids, cfg: FinetuneConfig, ctx, num_classes
     rank, world = _world()
     names = finetune_parameter_names(unwrap(unet), ALL_LAYERS, include_label_emb=True)
     before = {n: p.detach().clone() for n, p in unwrap(unet).named_parameters() if n in set(names)}
-    step = _Step(unet, sched, target, centroids, cfg, ctx, names)
+    step = _Step(unet, sched, target, centroids, cfg, ctx, names, codec)
     done, epoch = 0, 0
     while done < cfg.probe_steps:
         torch.manual_seed(_epoch_seed(ctx.seed, PROBE, rank, epoch))
@@ -342,7 +356,7 @@ def _probe(unet, sched, target, centroids, cfg: FinetuneConfig, ctx, num_classes
 
 
 def run_finetune(unet: nn.Module, sched: Schedule, target: nn.Module, centroids: Tensor | None,
-                 cfg: FinetuneConfig, ctx, *, num_classes: int | None = None) -> FinetuneResult:
+                 cfg: FinetuneConfig, ctx, *, num_classes: int | None = None, codec=None) -> FinetuneResult:
     """Fine-tune ``unet`` in place on classes 0..num_classes-1 (default ``cfg.classes``).
 
     ``ctx`` supplies seed, device, rank, save_checkpoint/load_checkpoint, report, log and
@@ -350,7 +364,8 @@ def run_finetune(unet: nn.Module, sched: Schedule, target: nn.Module, centroids:
     pretrained CDM (on ``ctx.device``); T is used frozen. When ``cfg.layers`` is an int L, a probe
     first measures the 13 change rates and the top-L layers are trained from the pretrained weights;
     a list is used as given. Resumes from ``ctx.load_checkpoint()`` (probe result + finished epochs).
-    Afterwards every parameter has ``requires_grad = False`` again.
+    Afterwards every parameter has ``requires_grad = False`` again. ``codec``: the latent CDM's
+    :class:`~diffmi_ray.models.autoencoder.LatentCodec` (None for a pixel-space CDM).
     """
     C = int(num_classes if num_classes is not None else cfg.classes)
     if C < 1:
@@ -371,7 +386,7 @@ def run_finetune(unet: nn.Module, sched: Schedule, target: nn.Module, centroids:
         if isinstance(cfg.layers, int):
             ctx.log(f"probe: fine-tuning all {NUM_MIDDLE_LAYERS} middle-block layers for {cfg.probe_steps} steps")
             t0 = time.time()
-            change_rate = _probe(unet, sched, target, centroids, cfg, ctx, C)
+            change_rate = _probe(unet, sched, target, centroids, cfg, ctx, C, codec)
             probe_seconds = time.time() - t0
             selected = select_layers(change_rate, cfg.layers)
             ctx.log("change rates " + " ".join(f"{i}:{r:.3g}" for i, r in zip(ALL_LAYERS, change_rate))
@@ -383,7 +398,7 @@ def run_finetune(unet: nn.Module, sched: Schedule, target: nn.Module, centroids:
         ctx.save_checkpoint(state)
 
     names = finetune_parameter_names(bare, selected, include_label_emb=True)
-    step = _Step(unet, sched, target, centroids, cfg, ctx, names)
+    step = _Step(unet, sched, target, centroids, cfg, ctx, names, codec)
     start = int(state.get("epoch", 0))
     history = list(state.get("history", []))
     if state.get("trainable") is not None:

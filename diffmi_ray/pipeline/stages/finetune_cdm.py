@@ -8,7 +8,7 @@ p-reg targets). The loop is :func:`diffmi_ray.training.finetune.run_finetune`; t
 
 Artifact (rank 0 writes ``ctx.out_dir``):
 
-* ``unet.pt`` + ``model.json`` -- the fine-tuned U-Net in the pretrained CDM's format
+* ``unet.pt`` + ``model.json`` (+ ``autoencoder/`` for a latent CDM, unchanged) -- the fine-tuned U-Net in the pretrained CDM's format
   (:func:`diffmi_ray.training.cdm.save_cdm`, so :func:`diffmi_ray.training.cdm.load` reads either);
   ``model.json`` is the prior's plus ``"finetuned": true``, ``"finetune_layers"`` (the trained
   Fig. 6a indices), ``"finetune_trained"`` (parameter names), ``"finetune"`` (the config) and
@@ -53,6 +53,7 @@ def run(ctx) -> dict:
 
     cfg = FinetuneConfig.model_validate(ctx.config["finetune"])
     unet, sched, meta = cdm.load(ctx.parent("prior").path, ctx.device)
+    codec = cdm.load_codec(ctx.parent("prior").path, meta, ctx.device)
     target = load_classifier(ctx.parent("target").path, ctx.device)
     pl = load_pseudo_labels(ctx.parent("pseudo_labels").path)
     centroids = pl["centroids"].to(ctx.device).float() if cfg.loss_alpha > 0 else None
@@ -73,7 +74,7 @@ def run(ctx) -> dict:
     ctx.log(f"fine-tuning {meta.get('model')} on {classes} classes: layers={cfg.layers}, "
             f"{cfg.sampler_steps} DPM-Solver++ steps, w={cfg.guidance}, batch {cfg.batch_size}, "
             f"checkpointing={'on' if cfg.grad_checkpointing else 'off'}")
-    res = run_finetune(unet, sched, target, centroids, cfg, ctx, num_classes=classes)
+    res = run_finetune(unet, sched, target, centroids, cfg, ctx, num_classes=classes, codec=codec)
     ctx.log(f"done: {res.epochs} epoch(s), acc {res.final_acc:.3f} ({res.stopped}), layers {res.selected}")
 
     trained = finetune_parameter_names(unet, res.selected, include_label_emb=True)
@@ -82,7 +83,7 @@ def run(ctx) -> dict:
         out_meta.update({"finetuned": True, "finetune_layers": res.selected, "finetune_trained": trained,
                          "finetune": cfg.model_dump(mode="json"), "finetune_acc": res.final_acc,
                          "finetune_epochs": res.epochs})
-        cdm.save_cdm(ctx.out_dir, unet, out_meta)
+        cdm.save_cdm(ctx.out_dir, unet, out_meta, codec=codec)
         ctx.write_json(CHANGE_RATES_FILE, change_rates_record(unet, res.change_rate, res.selected,
                                                               cfg.probe_steps))
         ctx.write_json(HISTORY_FILE, res.history)
