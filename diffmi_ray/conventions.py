@@ -40,6 +40,15 @@ def from_pm1(x: torch.Tensor) -> torch.Tensor:
     return (x + 1.0) * 0.5
 
 
+def resize_square(x: torch.Tensor, size: int) -> torch.Tensor:
+    """Images (B, C, H, W) -> (B, C, size, size): bilinear with antialiasing, differentiable; a no-op
+    at the same size. The one resize used where a model's image size differs from the data's."""
+    if x.shape[-1] == size and x.shape[-2] == size:
+        return x
+    return torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", align_corners=False,
+                                           antialias=True)
+
+
 def null_class(num_classes: int) -> int:
     """Index of the null label of a class-conditional model with ``num_classes`` real classes."""
     return num_classes

@@ -43,7 +43,8 @@ def side(dataset, root, **kw):
 
 
 def test_registered():
-    for n in ("celeba", "ffhq", "facescrub", "cub200", "chestxray", "chexpert", "chexpert_square"):
+    for n in ("celeba", "celeba_hd", "ffhq", "ffhq_hd", "facescrub", "cub200", "chestxray", "chexpert",
+              "chexpert_square"):
         assert n in names()
         assert get_info(n).needs_root and get_info(n).check is not None
     assert get_info("celeba").num_classes == 10177 and get_info("celeba").family == "celeba"
@@ -184,6 +185,42 @@ def test_ffhq_split_and_availability(tmp_path):
     _write(str(tmp_path / "bad.txt"), "00002.png\nnope.png\n")
     with pytest.raises(UserError, match=r"bad.txt:2: 'nope.png' is not an item of dataset 'ffhq'"):
         folders.load_ffhq(side("ffhq", tmp_path, split_file="bad.txt"))
+
+
+def make_celeba_hd(root, ids=(7, 3, 3, 7, 3, 2), drop=(5,)):
+    """HD-cropper output: 224 px faces named by CelebA stem (png), identity file lists every image;
+    the images in ``drop`` (1-based) were dropped by the cropper. Present counts: id 3 x3, id 7 x2."""
+    lines = []
+    for i, ident in enumerate(ids, start=1):
+        lines.append(f"{i:06d}.jpg {ident}")
+        if i not in drop:
+            _save(str(root / "images" / f"{i:06d}.png"), (224, 224), inner=GREEN)
+    _write(str(root / "identity_CelebA.txt"), "\n".join(lines) + "\n")
+    return root
+
+
+def test_celeba_hd_ranks_identities_by_count_and_skips_dropped_images(tmp_path):
+    make_celeba_hd(tmp_path)
+    src = folders.load_celeba_hd(side("celeba_hd", tmp_path))
+    assert [os.path.basename(p) for p in src.paths] == ["000001.png", "000002.png", "000003.png", "000004.png",
+                                                        "000006.png"]
+    # id 3 (3 images) -> 0, id 7 (2) -> 1, id 2 (1) -> 2; image 5 (id 3) was dropped by the cropper
+    assert src.labels.tolist() == [1, 0, 0, 1, 2]
+    assert src.image(0).shape == (224, 224, 3)  # no crop
+    _write(str(tmp_path / "sel.txt"), "000006.png\n000002.png\n")  # select; keep the ranked labels
+    sel = folders.load_celeba_hd(side("celeba_hd", tmp_path, split_file="sel.txt"))
+    assert sel.labels.tolist() == [2, 0]
+    assert availability_problems(side("celeba_hd", tmp_path)) == []
+    (tmp_path / "identity_CelebA.txt").unlink()
+    assert [m for _, m in availability_problems(side("celeba_hd", tmp_path))] == [
+        f"CelebA HD: identity file not found: {tmp_path / 'identity_CelebA.txt'}"]
+
+
+def test_ffhq_hd_uses_ppas_centre_crop(tmp_path):
+    _save(str(tmp_path / "images1024x1024" / "00000.png"), (256, 256), (28, 28, 228, 228), inner=GREEN)
+    src = get_info("ffhq_hd").load(side("ffhq_hd", tmp_path))
+    im = src.image(0)
+    assert im.shape == (200, 200, 3) and (im == GREEN).all()  # 800/1024 of 256 px, the painted box exactly
 
 
 # ---------------------------------------------------------------------------------------------- FaceScrub
@@ -393,7 +430,7 @@ def test_chexpert_paths_relative_to_root_and_errors(tmp_path):
 
 
 def test_missing_root_message_for_every_folder_dataset(tmp_path):
-    for n in ("celeba", "ffhq", "facescrub", "cub200", "chestxray", "chexpert"):
+    for n in ("celeba", "celeba_hd", "ffhq", "ffhq_hd", "facescrub", "cub200", "chestxray", "chexpert"):
         assert availability_problems(DataSide(dataset=n)) == [
             ("root", f"dataset '{n}' reads a folder: set root to it")]
         with pytest.raises(UserError, match="dataset folder not found"):

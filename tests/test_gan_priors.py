@@ -274,3 +274,45 @@ def test_model_json_fields(env):
               "out_range", "conditional", "source"):
         assert k in info
     assert info["out_range"] == "pm1" and info["conditional"] is True
+
+
+def test_public_gan_trained_at_its_own_size_is_resized_for_the_attacks(env):
+    """arch.image_size: the GAN trains at 64 px on 32 px data; attacks get 32 px images via to_unit."""
+    from diffmi_ray.attacks import get_attack
+    from diffmi_ray.attacks.base import AttackInputs
+    from diffmi_ray.pipeline.stages.train_classifier import load_classifier
+
+    cls, prior, roles = PRIORS["gan_wgangp"]
+    cfg = cls.model_validate({"arch": {**prior["arch"], "image_size": 64}, "train": TINY_TRAIN}).model_dump(mode="json")
+    inst = _inst("train_prior", "big0", {"kind": "gan_wgangp", "prior": cfg, "image_size": SIZE, "channels": CH,
+                                          "seed": 0}, {"split": env["split"]})
+    run_quiet(inst, env["store"])
+    path = env["store"].local_path("train_prior", "big0")
+    G, D, meta = gan_wgangp.load(path)
+    assert (meta["image_size"], meta["output_size"]) == (64, SIZE)
+    assert isinstance(G, gan_wgangp.ResizedGenerator) and G.image_size == SIZE
+    z = torch.randn(2, G.z_dim)
+    raw = G(z)
+    assert raw.shape[-1] == 64 and D(raw).shape[0] == 2  # D judges the native 64 px images
+    assert G.to_unit(raw).shape == (2, CH, SIZE, SIZE)
+    T = load_classifier(env["store"].local_path("train_classifier", "target0"), "cpu")
+    inputs = AttackInputs(target=T, num_classes=3, image_shape=(CH, SIZE, SIZE), generator_dir=path,
+                          generator_config={}, log=lambda s: None)
+    out = get_attack("gmi")({"iterations": 2, "restarts": 1, "batch_size": 2}, inputs).invert(torch.tensor([0, 1]), 0)
+    assert out.images.shape == (2, CH, SIZE, SIZE)
+
+
+def test_only_the_public_gan_may_change_its_size():
+    from diffmi_ray.config.checks import check_point
+    from diffmi_ray.config.experiment import ExperimentConfig, ProtocolConfig
+
+    protocol = ProtocolConfig.model_validate({"classes": 3, "images_per_class": 1, "eval": {"model": "small_resnet"}})
+    base = {"data": {"private": {"dataset": "mnist5k", "classes": [0, 1, 2]},
+                     "public": {"dataset": "mnist5k", "classes": [5, 6, 7]}, "image_size": 32, "channels": 1},
+            "target": {"model": "small_cnn"}}
+    ok = check_point(ExperimentConfig.model_validate({**base, "method": "ppa", "ppa": {"prior": {"arch": {"image_size": 64}}}}),
+                     protocol)
+    assert not [p for p in ok if "arch" in p[0]], ok
+    bad = check_point(ExperimentConfig.model_validate({**base, "method": "kedmi",
+                                                       "kedmi": {"prior": {"arch": {"image_size": 64}}}}), protocol)
+    assert ("kedmi.prior.arch.image_size" in [p[0] for p in bad]), bad

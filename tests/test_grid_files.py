@@ -13,7 +13,8 @@ import pytest
 from diffmi_ray.cli import main
 from diffmi_ray.config.loader import load_grid
 from diffmi_ray.pipeline.plan import plan_grid
-from tests.test_data_folders import make_celeba, make_chestxray, make_chexpert, make_cub, make_ffhq, _save
+from tests.test_data_folders import (_save, make_celeba, make_celeba_hd, make_chestxray, make_chexpert, make_cub,
+                                     make_ffhq)
 
 GRIDS = Path(__file__).resolve().parents[1] / "grids"
 ALL = sorted(p for p in GRIDS.rglob("*.yaml") if not p.name.startswith("_"))
@@ -26,6 +27,8 @@ def fake_data(tmp_path_factory):
     (celeba / "private_1000ids.txt").write_text("000001.jpg 0\n000002.jpg 0\n000003.jpg 1\n000004.jpg 1\n")
     (celeba / "ganset.txt").write_text("000005.jpg\n000006.jpg\n")
     make_ffhq(root / "ffhq")
+    make_ffhq(root / "ffhq" / "images1024x1024", n=2)
+    make_celeba_hd(root / "celeba_hd")
     for i in range(2):
         _save(str(root / "facescrub" / "Al_A" / f"a{i}.png"), (64, 64), (5, 5, 59, 59))
     make_cub(root / "CUB_200_2011")

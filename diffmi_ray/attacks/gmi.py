@@ -36,7 +36,8 @@ def load_prior(inputs, *, need_discriminator: bool, method: str):
     if need_discriminator and D is None:
         raise UserError(f"{method}: the prior at {inputs.generator_dir} has no discriminator, which this attack "
                         f"needs; give train.discriminator_checkpoint with the community generator")
-    shape = (int(meta["channels"]), int(meta["image_size"]), int(meta["image_size"]))
+    size = int(meta.get("output_size") or meta["image_size"])  # G's images after its resize to the data size
+    shape = (int(meta["channels"]), size, size)
     if shape != tuple(inputs.image_shape):
         raise UserError(f"{method}: the prior makes {shape} images, the target takes {tuple(inputs.image_shape)}")
     return G, D, meta

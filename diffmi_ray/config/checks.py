@@ -168,8 +168,15 @@ def check_point(cfg: ExperimentConfig, protocol) -> list[tuple[str, str]]:
             probs.append(("diff_mi.attack.renoise_t", f"must be < diffusion steps ({mc.prior.diffusion.steps})"))
     else:
         arch = mc.prior.arch
-        check_model(f"{m}.prior.arch.generator", arch.generator, "generator", size, ch)
-        check_model(f"{m}.prior.arch.discriminator", arch.discriminator, "discriminator", size, ch)
+        gan_size = size
+        if arch.image_size is not None and arch.image_size != size:
+            if mc.prior_kind != "gan_wgangp":
+                probs.append((f"{m}.prior.arch.image_size", f"only the public-data GAN (GMI / VMI / PPA) can be "
+                              f"trained at another size than the data's ({size} px); {m}'s prior uses the target"))
+            else:
+                gan_size = arch.image_size
+        check_model(f"{m}.prior.arch.generator", arch.generator, "generator", gan_size, ch)
+        check_model(f"{m}.prior.arch.discriminator", arch.discriminator, "discriminator", gan_size, ch)
     if mc.uses_pseudo_labels and n_cls is not None and cfg.pseudo_labels.top_n < 1:
         probs.append(("pseudo_labels.top_n", "must be >= 1"))
     if m == "ppa" and mc.attack.keep < protocol.images_per_class:

@@ -13,7 +13,8 @@ class DataSide(StrictModel):
     dataset: str = Field(description="Dataset registry name (see `diffmi_ray.data.names()`).")
     classes: list[int] | None = Field(
         None, description="Class ids of the source dataset to use, in this order (private labels are "
-        "re-indexed 0..C-1 in this order). None = all classes of the dataset.")
+        "re-indexed 0..C-1 in this order); a string 'a..b' is the inclusive range a, a+1, ..., b. "
+        "None = all classes of the dataset.")
     root: str | None = Field(None, description="Folder of a real-folder dataset (CelebA, FFHQ, ...). "
                              "Unused for packaged datasets.")
     split_file: str | None = Field(
@@ -22,6 +23,20 @@ class DataSide(StrictModel):
     max_per_class: int | None = Field(None, ge=1, description="Keep at most this many images per class.")
     max_images: int | None = Field(None, ge=1, description="Keep at most this many images in total "
                                    "(deterministic subsample from the seed).")
+
+    @field_validator("classes", mode="before")
+    @classmethod
+    def _class_range(cls, v):
+        if isinstance(v, str):
+            a, sep, b = v.partition("..")
+            try:
+                lo, hi = int(a), int(b)
+            except ValueError:
+                lo = hi = None
+            if not sep or lo is None or lo < 0 or hi < lo:
+                raise ValueError(f"a class range is written 'first..last' with 0 <= first <= last, got {v!r}")
+            return list(range(lo, hi + 1))
+        return v
 
 
 class DataConfig(StrictModel):

@@ -44,6 +44,10 @@ class GANArchConfig(StrictModel):
     discriminator: str = Field("wgan_critic", description="Discriminator registry name.")
     z_dim: int = Field(100, ge=1, description="Latent size.")
     width: int = Field(64, ge=1, description="Base channel width of generator and discriminator.")
+    image_size: int | None = Field(
+        None, ge=8, description="Public-data GAN (GMI / VMI / PPA) only: build and train the GAN at this size "
+        "(public images resized to it); attacks resize its images to the target's input size (bilinear, "
+        "antialiased), as PPA resizes its StyleGAN2's outputs to 224 px. None = the data's image_size.")
 
 
 class GANTrainConfig(StrictModel):

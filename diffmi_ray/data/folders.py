@@ -13,7 +13,10 @@ images of other sizes and reproduce the official pixel boxes at the official siz
 dataset     official crop                                    box at the official size (l, t, r, b)
 =========== ================================================ =====================================
 celeba      centre 108x108 of the aligned 178x218 image      (35, 55, 143, 163)
+celeba_hd   none: PPA's HD CelebA Cropper output (face       -
+            factor 0.65, 224 px) is already aligned
 ffhq        centre 88x88 of the 128x128 thumbnail            (20, 20, 108, 108)
+ffhq_hd     PPA: centre 800x800 of the 1024x1024 image       (112, 112, 912, 912)
 facescrub   Diff-MI: image resized to 64x64, centre 54x54    (5, 5, 59, 59) of the 64x64 image;
             (PLG-MI uses the whole image; not offered here)  here: the same fraction of any size
 cub200      the official bounding box (bounding_boxes.txt)   floor/ceil of x, y, x+w, y+h
@@ -46,6 +49,7 @@ CELEBA_IDENTITIES = 10177
 CELEBA_CROP = 108  # of the aligned 178 x 218 (W x H) images
 CELEBA_SIZE = (178, 218)
 FFHQ_CROP, FFHQ_SIZE = 88, 128
+FFHQ_HD_CROP, FFHQ_HD_SIZE = 800, 1024  # PPA's centre crop of 1024 px FFHQ faces (its StyleGAN2 outputs)
 FACESCRUB_CROP, FACESCRUB_SIZE = 54, 64
 
 # ChestX-ray14 findings in the order of the NIH release (Wang et al. 2017; also CheXNet's order):
@@ -459,6 +463,58 @@ def load_celeba(side) -> FolderSource:
 
 
 # --------------------------------------------------------------------------------------------------
+# CelebA HD (the high-resolution setting of PPA and the paper's Table VI)
+
+CELEBA_HD_LAYOUT = ("<root>/images/* (faces cropped by the HD CelebA Cropper; file stems = the CelebA "
+                    "file names, e.g. 000001.jpg or 000001.png) and <root>/identity_CelebA.txt")
+
+
+def _check_celeba_hd(side, root: str) -> list[tuple[str, str]]:
+    probs = []
+    if not os.path.isdir(os.path.join(root, "images")):
+        probs.append(("root", f"CelebA HD: images folder not found: {os.path.join(root, 'images')} "
+                              f"(expected layout: {CELEBA_HD_LAYOUT})"))
+    if not os.path.isfile(os.path.join(root, "identity_CelebA.txt")):
+        probs.append(("root", f"CelebA HD: identity file not found: {os.path.join(root, 'identity_CelebA.txt')}"))
+    return probs
+
+
+def load_celeba_hd(side) -> FolderSource:
+    """CelebA faces pre-cropped by the HD CelebA Cropper (PPA: face factor 0.65, bicubic to 224 px).
+
+    Item key: the file name in ``images/``. Images are matched to identity_CelebA.txt by file stem
+    (the cropper may change the extension); listed images the cropper dropped are skipped. Labels:
+    identities ranked by their number of images present, most first (ties: lower identity id first),
+    so ``classes: [0, ..., 999]`` are the 1000 most frequent identities (PPA's and the paper's
+    selection). No crop. A split file selects / relabels items by file name as for the other datasets.
+    """
+    root = _root(side)
+    img_dir = os.path.join(root, "images")
+    if not os.path.isdir(img_dir):
+        raise UserError(f"CelebA HD: images folder not found: {img_dir} (expected layout: {CELEBA_HD_LAYOUT})")
+    ident_path = os.path.join(root, "identity_CelebA.txt")
+    idents = _celeba_identities(ident_path)
+    present = {os.path.splitext(f)[0]: f for f in os.listdir(img_dir)
+               if not f.startswith(".") and f.lower().endswith(IMAGE_EXTS)}
+    items = [(present[os.path.splitext(name)[0]], ident, line) for name, (ident, line) in idents.items()
+             if os.path.splitext(name)[0] in present]
+    if not items:
+        raise UserError(f"CelebA HD: none of the images in {ident_path} is in {img_dir}")
+    counts = Counter(ident for _, ident, _ in items)
+    rank = {ident: r for r, ident in enumerate(sorted(counts, key=lambda i: (-counts[i], i)))}
+    names = [f for f, _, _ in items]
+    labels = np.asarray([rank[i] for _, i, _ in items], np.int64)
+    lines = np.asarray([n for _, _, n in items], np.int64)
+    origin = ident_path
+    split = _split_path(side, root)
+    if split is not None:
+        idx, labels, lines = _apply_split("celeba_hd", names, labels, split, root)
+        names, origin = [names[i] for i in idx], split
+    return FolderSource("celeba_hd", [os.path.join(img_dir, f) for f in names], labels, gray=False,
+                        origin=origin, lines=lines)
+
+
+# --------------------------------------------------------------------------------------------------
 # FFHQ
 
 def _check_ffhq(side, root: str) -> list[tuple[str, str]]:
@@ -484,6 +540,15 @@ def load_ffhq(side) -> FolderSource:
         paths, origin = [paths[i] for i in idx], split
     f = FFHQ_CROP / FFHQ_SIZE
     return FolderSource("ffhq", paths, labels, gray=False, frac=(f, f), origin=origin, lines=lines)
+
+
+def load_ffhq_hd(side) -> FolderSource:
+    """FFHQ at full resolution (the 1024x1024 images, or any square size) for the high-resolution
+    setting: PPA's centre crop 800/1024 of each side. Otherwise as :func:`load_ffhq`."""
+    src = load_ffhq(side)
+    f = FFHQ_HD_CROP / FFHQ_HD_SIZE
+    return FolderSource("ffhq_hd", src.paths, src.labels, gray=False, frac=(f, f), origin=src.origin,
+                        lines=src.lines)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -805,6 +870,18 @@ register(DatasetInfo(
     "FFHQ faces, unlabeled (public data only); official centre crop 88 of the 128x128 thumbnails",
     check=_checked(_check_ffhq),
     extra={"layout": "<root>/**/*.png|jpg (recursive)", "crop": "centre 88/128 of each side"}))
+register(DatasetInfo(
+    "celeba_hd", CELEBA_IDENTITIES, 3, 224, "celeba_hd", True, load_celeba_hd,
+    "CelebA faces cropped by the HD CelebA Cropper (PPA / Table VI: face factor 0.65, 224 px); labels = "
+    "identities ranked by image count (0 = most frequent), so classes 0..999 are the 1000 most frequent",
+    check=_checked(_check_celeba_hd),
+    extra={"layout": CELEBA_HD_LAYOUT, "crop": "none (pre-aligned)"}))
+register(DatasetInfo(
+    "ffhq_hd", None, 3, FFHQ_HD_CROP, "ffhq", True, load_ffhq_hd,
+    "FFHQ at full resolution, unlabeled (public data only); PPA's centre crop 800/1024 of each side",
+    check=_checked(_check_ffhq),
+    extra={"layout": "<root>/**/*.png|jpg (recursive), e.g. <ffhq>/images1024x1024",
+           "crop": "centre 800/1024 of each side (PPA)"}))
 register(DatasetInfo(
     "facescrub", 530, 3, FACESCRUB_CROP, "facescrub", True, load_facescrub,
     "FaceScrub (530 people nominal, 526 in the cleaned set; labels = sorted person folders); "

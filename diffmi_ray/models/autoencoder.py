@@ -31,10 +31,10 @@ import json
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from diffmi_ray.config.methods import LatentConfig
+from diffmi_ray.conventions import resize_square as resize
 from diffmi_ray.conventions import to_pm1
 from diffmi_ray.errors import UserError
 
@@ -42,13 +42,6 @@ __all__ = ["AE_FOLDER", "LatentCodec", "build_autoencoder", "load_pretrained", "
 
 AE_FOLDER = "autoencoder"
 _CLASSES = ("AutoencoderKL", "VQModel")
-
-
-def resize(x: Tensor, size: int) -> Tensor:
-    """Square bilinear resize with antialiasing (a no-op at the same size); differentiable."""
-    if x.shape[-1] == size and x.shape[-2] == size:
-        return x
-    return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
 
 
 def _kind(ae: nn.Module) -> str:

@@ -23,8 +23,8 @@ import torch
 from torch import Tensor, nn
 
 from diffmi_ray.config.methods import LatentConfig
+from diffmi_ray.conventions import resize_square as resize
 from diffmi_ray.conventions import sample_generator, to_pm1
-from diffmi_ray.models.autoencoder import resize
 
 __all__ = ["train_autoencoder"]
 

@@ -53,9 +53,11 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from diffmi_ray.config.methods import GANArchConfig, GANTrainConfig, GMIPriorConfig
+from diffmi_ray.conventions import resize_square
 from diffmi_ray.errors import UserError
 from diffmi_ray.models import create, get_info
 from diffmi_ray.models.checkpoints import load_into
+from diffmi_ray.models.gan_dcgan import GeneratorAPI
 from diffmi_ray.training.common import is_distributed, seed_everything, unwrap
 
 KIND = "gan_wgangp"
@@ -355,12 +357,35 @@ def prior_info(path: str | os.PathLike) -> dict:
     return json.loads(p.read_text())
 
 
+class ResizedGenerator(GeneratorAPI, nn.Module):
+    """A generator whose images, as :meth:`to_unit` returns them, come out at ``size`` px.
+
+    ``forward`` is G's own (native size and range: what a discriminator judges); ``to_unit`` maps to
+    [0, 1] and resizes (:func:`~diffmi_ray.conventions.resize_square`), which every attack applies
+    before T sees an image. Used for a GAN trained at ``arch.image_size`` != the data's size.
+    """
+
+    def __init__(self, G: nn.Module, size: int):
+        super().__init__()
+        self.G = G
+        self.z_dim, self.out_range, self.conditional = G.z_dim, G.out_range, G.conditional
+        self.num_classes, self.channels, self.image_size = G.num_classes, G.channels, int(size)
+
+    def forward(self, *args, **kwargs):
+        return self.G(*args, **kwargs)
+
+    def to_unit(self, x: torch.Tensor) -> torch.Tensor:
+        return resize_square(self.G.to_unit(x), self.image_size)
+
+
 def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[nn.Module, nn.Module | None, dict]:
     """``(G, D, meta)`` of a finished GAN prior artifact (any of the three GAN kinds).
 
     G and D are in eval mode with frozen parameters, on ``device``; D is None when the artifact has no
     discriminator. ``meta`` is the ``model.json`` dict. G follows the generator contract of
-    :class:`diffmi_ray.models.gan_dcgan.GeneratorAPI` (``z_dim``, ``out_range``, ``to_unit`` ...).
+    :class:`diffmi_ray.models.gan_dcgan.GeneratorAPI` (``z_dim``, ``out_range``, ``to_unit`` ...); a
+    GAN trained at another size than the data's (``meta["output_size"]``) comes wrapped in
+    :class:`ResizedGenerator`.
     """
     info = prior_info(path)
     dev = torch.device(device) if isinstance(device, str) else device
@@ -372,7 +397,11 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[n
         D = create(info["discriminator"], n, **info["discriminator_kwargs"])
         D.load_state_dict(torch.load(Path(path) / DIS_FILE, map_location="cpu", weights_only=True))
         D = freeze(D).to(dev)
-    return freeze(G).to(dev), D, info
+    G = freeze(G).to(dev)
+    out = int(info.get("output_size") or info["image_size"])
+    if out != int(info["image_size"]):
+        G = ResizedGenerator(G, out)
+    return G, D, info
 
 
 # ----------------------------------------------------------------------------------------------
@@ -392,22 +421,27 @@ def train(ctx) -> dict:
     """Train (or load) GMI's GAN prior; rank 0 writes the artifact. Returns metrics for the record."""
     cfg = GMIPriorConfig.model_validate(ctx.config["prior"])
     size, ch = int(ctx.config["image_size"]), int(ctx.config["channels"])
+    gan_size = int(cfg.arch.image_size or size)  # the GAN's own size; attacks resize to `size`
     seed_everything(ctx.seed, rank=0)  # identical initial weights on every worker
-    G, D, gkw, dkw = build_models(cfg.arch, num_classes=0, image_size=size, channels=ch,
+    G, D, gkw, dkw = build_models(cfg.arch, num_classes=0, image_size=gan_size, channels=ch,
                                   with_discriminator=True)
+    sizes = {"output_size": size}
     tc = cfg.train
     if tc.generator_checkpoint:
         if not tc.discriminator_checkpoint:
             D = None  # GMI's attack needs D; VMI / PPA only use G
         source = load_community(G, D, tc)
         write_artifact(ctx, kind=KIND, arch=cfg.arch, G=G, D=D, gkw=gkw, dkw=dkw, num_classes=0, source=source,
-                       extra={"iterations": 0})
+                       extra={"iterations": 0, **sizes})
         ctx.log(f"loaded community GAN {source}")
         return {"source": "checkpoint", "iterations": 0}
 
     dev = ctx.device
     G, D = G.to(dev).train(), D.to(dev).train()
     x_pub = public_images(ctx)
+    if gan_size != size:
+        x_pub = torch.cat([resize_square(x_pub[i:i + 256], gan_size) for i in range(0, len(x_pub), 256)])
+        ctx.log(f"public images resized {size} -> {gan_size} px for the GAN (attacks resize back)")
     stream = BatchStream(x_pub, batch_size=tc.batch_size, seed=ctx.seed)
     total = total_iterations(tc, len(x_pub))
     opt_g = torch.optim.Adam(G.parameters(), lr=tc.lr, betas=tuple(tc.betas))
@@ -444,7 +478,7 @@ def train(ctx) -> dict:
                    checkpoint_every=tc.checkpoint_every)
     sync_buffers(G, D)
     write_artifact(ctx, kind=KIND, arch=cfg.arch, G=G, D=D, gkw=gkw, dkw=dkw, num_classes=0, source="trained",
-                   extra={"iterations": total, "losses": res["losses"]})
+                   extra={"iterations": total, "losses": res["losses"], **sizes})
     return {"source": "trained", "iterations": total, "resumed_from": res["resumed_from"],
             "public_images": len(x_pub), **res["losses"]}
 
