@@ -26,7 +26,7 @@ def fake_data(tmp_path_factory):
     celeba = make_celeba(root / "celeba")
     (celeba / "private_1000ids.txt").write_text("000001.jpg 0\n000002.jpg 0\n000003.jpg 1\n000004.jpg 1\n")
     (celeba / "ganset.txt").write_text("000005.jpg\n000006.jpg\n")
-    make_ffhq(root / "ffhq")
+    make_ffhq(root / "ffhq" / "thumbnails128x128")  # the official FFHQ layout
     make_ffhq(root / "ffhq" / "images1024x1024", n=2)
     make_celeba_hd(root / "celeba_hd")
     for i in range(2):
