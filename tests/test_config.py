@@ -206,3 +206,13 @@ def test_unet_attention_resolution_must_be_a_feature_map_size(write_grid, tmp_pa
     text = grid_text(tmp_path).replace("attention_resolutions: [16]", "attention_resolutions: [8]")
     probs = dict(problems_of(write_grid(text)))
     assert "valid: [32, 16]" in probs["base.diff_mi.prior.unet.attention_resolutions"]
+
+
+def test_class_range_syntax():
+    from diffmi_ray.config.data import DataSide
+
+    assert DataSide(dataset="cub200", classes="2..5").classes == [2, 3, 4, 5]
+    assert DataSide(dataset="cub200", classes="7..7").classes == [7]
+    for bad in ("5..2", "a..b", "3", "-1..2"):
+        with pytest.raises(ValueError, match="first..last"):
+            DataSide(dataset="cub200", classes=bad)
