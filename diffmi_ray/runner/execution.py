@@ -114,11 +114,11 @@ def execute(inst: StageInstance | dict, opts: WorkerOptions | dict, *, rank: int
     log = StageLog(store, inst, exe.id if exe else None, opts.echo, rank)
     logs = {"stage_log": log.path, **(log_hint or {})}
     try:
-        with stage_override(opts.stage_module):
-            if main:
-                apply_worker_faults([Fault(*f) for f in opts.faults], store, inst.stage, inst.key, inst.label)
-            metrics = run_instance(inst, store, device=_device(opts.device), report=report, log=log, rank=rank,
-                                   world_size=world_size, resources=resources)
+        if main:
+            apply_worker_faults([Fault(*f) for f in opts.faults], store, inst.stage, inst.key, inst.label)
+        metrics = run_instance(inst, store, device=_device(opts.device), report=report, log=log, rank=rank,
+                               world_size=world_size, resources=resources,
+                               fn=stage_override(opts.stage_module, inst.stage))
     except KeyboardInterrupt:
         if exe:
             exe.finish("interrupted")

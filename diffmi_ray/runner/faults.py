@@ -22,7 +22,6 @@ real stage functions (fast runner tests; see :mod:`diffmi_ray.runner.testing`).
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 import os
 from dataclasses import dataclass
@@ -83,18 +82,8 @@ def apply_worker_faults(faults: list[Fault], store, stage: str, key: str, label:
                 os._exit(17)
 
 
-@contextlib.contextmanager
-def stage_override(module: str | None):
-    """Within the block, ``run_instance`` uses ``module.STAGE_FNS`` in place of the real stages."""
+def stage_override(module: str | None, stage: str):
+    """The stand-in function of ``stage`` in ``module.STAGE_FNS`` (test stand-ins), or None (the real stage)."""
     if not module:
-        yield
-        return
-    from diffmi_ray.pipeline import execute
-
-    fns = importlib.import_module(module).STAGE_FNS
-    real = execute.get_stage_fn
-    execute.get_stage_fn = lambda stage: fns[stage] if stage in fns else real(stage)
-    try:
-        yield
-    finally:
-        execute.get_stage_fn = real
+        return None
+    return importlib.import_module(module).STAGE_FNS.get(stage)

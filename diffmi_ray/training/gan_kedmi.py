@@ -36,7 +36,7 @@ from torch import Tensor
 
 from diffmi_ray.config.methods import KEDMIPriorConfig
 from diffmi_ray.training.common import seed_everything
-from diffmi_ray.training.gan_wgangp import (BatchStream, average_gradients, build_models, load, load_community,
+from diffmi_ray.training.gan_wgangp import (BatchStream, average_gradients, build_models, from_community, load,
                                             public_images, run_loop, set_requires_grad, step_generator,
                                             sync_buffers, total_iterations, write_artifact)
 
@@ -88,14 +88,10 @@ def train(ctx) -> dict:
     T, num_classes = target_of(ctx)
     seed_everything(ctx.seed, rank=0)  # identical initial weights on every worker
     G, D, gkw, dkw = build_models(cfg.arch, num_classes=num_classes, image_size=size, channels=ch)
-    if tc.generator_checkpoint:
-        if not tc.discriminator_checkpoint:
-            D = None  # the KED-MI attack will ask for it
-        source = load_community(G, D, tc)
-        write_artifact(ctx, kind=KIND, arch=cfg.arch, G=G, D=D, gkw=gkw, dkw=dkw, num_classes=num_classes,
-                       source=source, extra={"iterations": 0})
-        ctx.log(f"loaded community GAN {source}")
-        return {"source": "checkpoint", "iterations": 0}
+    done = from_community(ctx, kind=KIND, arch=cfg.arch, train=tc, G=G, D=D, gkw=gkw, dkw=dkw,
+                          num_classes=num_classes)
+    if done is not None:
+        return done
 
     dev = ctx.device
     G, D = G.to(dev).train(), D.to(dev).train()

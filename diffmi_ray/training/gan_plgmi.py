@@ -30,7 +30,7 @@ from diffmi_ray.conventions import to_pm1
 from diffmi_ray.errors import UserError
 from diffmi_ray.training.common import seed_everything
 from diffmi_ray.training.gan_kedmi import target_of
-from diffmi_ray.training.gan_wgangp import (BatchStream, average_gradients, build_models, load, load_community,
+from diffmi_ray.training.gan_wgangp import (BatchStream, average_gradients, build_models, from_community, load,
                                             public_images, run_loop, set_requires_grad, step_generator,
                                             sync_buffers, total_iterations, write_artifact)
 
@@ -65,14 +65,10 @@ def train(ctx) -> dict:
     T, num_classes = target_of(ctx)
     seed_everything(ctx.seed, rank=0)  # identical initial weights on every worker
     G, D, gkw, dkw = build_models(cfg.arch, num_classes=num_classes, image_size=size, channels=ch)
-    if tc.generator_checkpoint:
-        if not tc.discriminator_checkpoint:
-            D = None  # the PLG-MI attack uses G only
-        source = load_community(G, D, tc)
-        write_artifact(ctx, kind=KIND, arch=cfg.arch, G=G, D=D, gkw=gkw, dkw=dkw, num_classes=num_classes,
-                       source=source, extra={"iterations": 0})
-        ctx.log(f"loaded community GAN {source}")
-        return {"source": "checkpoint", "iterations": 0}
+    done = from_community(ctx, kind=KIND, arch=cfg.arch, train=tc, G=G, D=D, gkw=gkw, dkw=dkw,
+                          num_classes=num_classes)
+    if done is not None:
+        return done
 
     dev = ctx.device
     xs, ys, n_cls = pseudo_labelled_public(ctx)

@@ -349,6 +349,26 @@ def write_artifact(ctx, *, kind: str, arch: GANArchConfig, G: nn.Module, D: nn.M
     return info
 
 
+def from_community(ctx, *, kind: str, arch: GANArchConfig, train: GANTrainConfig, G: nn.Module, D: nn.Module | None,
+                   gkw: dict, dkw: dict, num_classes: int, extra: dict | None = None) -> dict | None:
+    """The ``train.generator_checkpoint`` path shared by the three GAN priors.
+
+    Loads the community weights into G (and into D only when ``train.discriminator_checkpoint`` is
+    given; otherwise the artifact has no discriminator and an attack that needs one says so), writes
+    the artifact and returns the stage metrics. Returns None, doing nothing, when there is no
+    checkpoint (the caller trains).
+    """
+    if not train.generator_checkpoint:
+        return None
+    if not train.discriminator_checkpoint:
+        D = None
+    source = load_community(G, D, train)
+    write_artifact(ctx, kind=kind, arch=arch, G=G, D=D, gkw=gkw, dkw=dkw, num_classes=num_classes, source=source,
+                   extra={"iterations": 0, **(extra or {})})
+    ctx.log(f"loaded community GAN {source}")
+    return {"source": "checkpoint", "iterations": 0}
+
+
 def prior_info(path: str | os.PathLike) -> dict:
     """The ``model.json`` of a finished GAN ``train_prior`` artifact folder."""
     p = Path(path) / INFO_FILE
@@ -427,14 +447,10 @@ def train(ctx) -> dict:
                                   with_discriminator=True)
     sizes = {"output_size": size}
     tc = cfg.train
-    if tc.generator_checkpoint:
-        if not tc.discriminator_checkpoint:
-            D = None  # GMI's attack needs D; VMI / PPA only use G
-        source = load_community(G, D, tc)
-        write_artifact(ctx, kind=KIND, arch=cfg.arch, G=G, D=D, gkw=gkw, dkw=dkw, num_classes=0, source=source,
-                       extra={"iterations": 0, **sizes})
-        ctx.log(f"loaded community GAN {source}")
-        return {"source": "checkpoint", "iterations": 0}
+    done = from_community(ctx, kind=KIND, arch=cfg.arch, train=tc, G=G, D=D, gkw=gkw, dkw=dkw, num_classes=0,
+                          extra=sizes)  # GMI's attack needs D; VMI / PPA only use G
+    if done is not None:
+        return done
 
     dev = ctx.device
     G, D = G.to(dev).train(), D.to(dev).train()
@@ -483,6 +499,7 @@ def train(ctx) -> dict:
             "public_images": len(x_pub), **res["losses"]}
 
 
-__all__ = ["BatchStream", "DIS_FILE", "GEN_FILE", "INFO_FILE", "KIND", "average_gradients", "build_models",
-           "freeze", "gradient_penalty", "load", "load_community", "model_kwargs", "prior_info", "public_images",
-           "run_loop", "step_generator", "sync_buffers", "total_iterations", "train", "write_artifact"]
+__all__ = ["BatchStream", "DIS_FILE", "GEN_FILE", "INFO_FILE", "KIND", "ResizedGenerator", "average_gradients",
+           "build_models", "freeze", "from_community", "gradient_penalty", "load", "load_community", "model_kwargs",
+           "prior_info", "public_images", "run_loop", "step_generator", "sync_buffers", "total_iterations", "train",
+           "write_artifact"]
