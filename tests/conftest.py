@@ -29,6 +29,18 @@ def shared_dir() -> Path:
 
 
 @pytest.fixture
+def one_thread():
+    """One intra-op torch thread for the test: on a shared 2-core machine more threads only contend
+    (and get many times slower). Modules opt in with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
 def write_grid(tmp_path):
     """write_grid(text, name='grid.yaml') -> Path: a grid file in tmp_path (storage defaults to tmp_path)."""
 

@@ -17,13 +17,7 @@ from diffmi_ray.training import cdm
 from diffmi_ray.training.cdm import dequantize, load, null_batch, save_cdm, unet_kwargs
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: on a shared 2-core machine more threads only contend (and get ~20x slower)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 TINY_UNET = {"model_channels": 8, "channel_mult": [1, 2], "num_res_blocks": 1, "attention_resolutions": [8],
              "num_heads": 1}

@@ -17,13 +17,7 @@ from diffmi_ray.training.cdm import build_unet, save_cdm, unet_kwargs
 C_IN, SIZE, K = 1, 16, 3
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: on a shared 2-core machine more threads only contend (and get ~20x slower)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ------------------------------------------------------------------ t schedule

@@ -23,12 +23,7 @@ TINY = dict(image_size=16, in_channels=1, model_channels=8, channel_mult=(1, 2),
             attention_resolutions=(), num_heads=1, norm_groups=4)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_unet(cls=UNetModel, classes: int = 3, perturb: float = 0.05, seed: int = 0) -> UNetModel:

@@ -25,12 +25,7 @@ from tests.test_cdm_pretrain import DATA, TINY_UNET, _chain
 ARCH = {"block_out_channels": [8, 16], "layers_per_block": 1, "latent_channels": 2, "norm_num_groups": 4}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _tiny_codec(image_size=16, output_size=None, scale=1.0) -> LatentCodec:

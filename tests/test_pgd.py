@@ -10,13 +10,7 @@ from torch import nn
 from diffmi_ray.attacks.pgd import pgd_l2
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: on a shared 2-core machine more threads only contend (and get ~20x slower)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _linear_classifier(d: int, k: int, seed: int = 0) -> nn.Module:
