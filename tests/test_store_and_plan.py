@@ -20,6 +20,10 @@ def test_key_is_stable_and_order_independent():
     assert a == b
     # pinned: the key format must not change silently (it would orphan every stored artifact)
     assert content_key("split", {"seed": 0}, {}) == "caf86c013743e114"
+    # a new optional field (None) keeps existing keys; nested too
+    assert content_key("split", {"seed": 0, "new": None}, {}) == "caf86c013743e114"
+    assert content_key("attack", {"a": {"b": 1, "c": None}}, {}) == content_key("attack", {"a": {"b": 1}}, {})
+    assert content_key("attack", {"a": [None]}, {}) != content_key("attack", {"a": []}, {})
     assert canonical_json({"b": (1, 2.5), "a": None}) == '{"a":null,"b":[1,2.5]}'
 
 

@@ -32,7 +32,22 @@ def canonical_json(obj: Any) -> str:
     return json.dumps(_normalise(obj), sort_keys=True, separators=(",", ":"), ensure_ascii=True)
 
 
+def _drop_none(obj: Any) -> Any:
+    """Dict entries whose value is None removed, recursively (list items are kept as they are)."""
+    if isinstance(obj, dict):
+        return {k: _drop_none(v) for k, v in obj.items() if v is not None}
+    if isinstance(obj, (list, tuple)):
+        return [_drop_none(v) for v in obj]
+    return obj
+
+
 def content_key(stage: str, config: dict, parents: dict[str, str], version: int = 1) -> str:
-    """Hex key of a stage instance: sha256 over (stage, stage code version, config, parent keys)."""
-    payload = canonical_json({"stage": stage, "version": version, "config": config, "parents": parents})
+    """Hex key of a stage instance: sha256 over (stage, stage code version, config, parent keys).
+
+    Config entries whose value is None are left out, so adding an optional field (default None) to a
+    config class keeps every existing key, and finished artifacts, valid. None and "absent" mean the
+    same everywhere in the configs; a field whose default is not None and that is set to None still
+    changes the key (its default value is then missing from the hashed dict).
+    """
+    payload = canonical_json({"stage": stage, "version": version, "config": _drop_none(config), "parents": parents})
     return hashlib.sha256(payload.encode()).hexdigest()[:KEY_LENGTH]
