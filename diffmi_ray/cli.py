@@ -63,6 +63,16 @@ def cmd_plan(args) -> int:
         print("\nwaves:")
         for n, wave in enumerate(plan.waves()):
             print(f"  wave {n}: " + ", ".join(f"{i.stage}/{i.key[:8]} ({i.label})" for i in wave))
+    if args.gpu_hours is not None:
+        from diffmi_ray.cost import estimate_plan
+
+        per_inst, _, _ = estimate_plan(plan, args.gpu_hours * 1e12)
+        todo = per_inst[[key not in store.done_keys(stage) for stage, key in zip(per_inst.stage, per_inst.key)]]
+        print(f"\nestimated GPU-hours of the instances not done yet, at an assumed {args.gpu_hours:g} TFLOP/s "
+              "sustained (counted FLOPs; diffmi_ray/cost.py):")
+        for stage in STAGES:
+            print(f"  {stage:<17} {todo.gpu_hours[todo.stage == stage].sum():>10.3g}")
+        print(f"  {'total':<17} {todo.gpu_hours.sum():>10.3g}")
     return 0
 
 
@@ -104,6 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("grid", type=Path, help="grid YAML file")
     sp.add_argument("--storage", help="override the grid's storage root (path or fsspec URI)")
     sp.add_argument("-v", "--verbose", action="store_true", help="also print the waves of the DAG")
+    sp.add_argument("--gpu-hours", nargs="?", type=float, const=40.0, default=None, metavar="TFLOPS",
+                    help="also estimate the GPU-hours still to run, from counted FLOPs at TFLOPS sustained "
+                         "(default 40; benchmarks/estimate_gpu_hours.py --measure gives a real figure)")
     sp.set_defaults(fn=cmd_plan)
 
     sp = sub.add_parser("run", help="run the grid (embedded local Ray unless --address)")

@@ -57,3 +57,12 @@ def test_paper_tables_share_stages(fake_data, monkeypatch):
     for name in ("table1", "table2", "table3"):
         keys[name] = set(plan_grid(load_grid(GRIDS / "paper" / f"{name}.yaml")).instances)
     assert keys["table3"] == keys["table1"] | keys["table2"]
+
+
+def test_plan_estimates_gpu_hours(fake_data, monkeypatch, tmp_path, capsys):
+    """`plan --gpu-hours` prints the estimate of what is left to run (paper Table I: tens of GPU-hours)."""
+    monkeypatch.setenv("DIFFMI_DATA", str(fake_data))
+    assert main(["plan", str(GRIDS / "paper" / "table1.yaml"), "--storage", str(tmp_path), "--gpu-hours", "40"]) == 0
+    out = capsys.readouterr().out
+    total = float(out.strip().splitlines()[-1].split()[-1])
+    assert "estimated GPU-hours" in out and 10 < total < 1000, out
