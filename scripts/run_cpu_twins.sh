@@ -17,15 +17,15 @@ if [ ${#TWINS[@]} -eq 0 ]; then
 fi
 mkdir -p "$RESULTS/cpu"
 TIMINGS=$RESULTS/cpu/timings.csv
-[ -f "$TIMINGS" ] || echo "twin,started_utc,wall_s,exit_status,stages_run" > "$TIMINGS"
+[ -f "$TIMINGS" ] || echo "twin,started_utc,wall_s,exit_status,stage_instances,already_done" > "$TIMINGS"
 for twin in "${TWINS[@]}"; do
   grid=grids/cpu/$twin.yaml
   [ -f "$grid" ] || { echo "no such twin: $grid" >&2; exit 2; }
-  todo=$("$BIN" plan "$grid" --storage "$RESULTS" | awk '$1=="total"{print $2}')
+  read -r total already < <("$BIN" plan "$grid" --storage "$RESULTS" | awk '$1=="total"{print $2, $4}')
   start=$(date -u +%FT%TZ); t0=$(date +%s)
   set +e; "$BIN" run "$grid" --storage "$RESULTS" > "$RESULTS/cpu/$twin.run.log" 2>&1; rc=$?; set -e
   wall=$(( $(date +%s) - t0 ))
-  echo "$twin,$start,$wall,$rc,$todo" >> "$TIMINGS"
-  echo "$twin: exit $rc after ${wall}s ($todo stage instances to run)"
+  echo "$twin,$start,$wall,$rc,$total,$already" >> "$TIMINGS"
+  echo "$twin: exit $rc after ${wall}s ($total stage instances, $already of them already done)"
   "$BIN" report "$grid" --storage "$RESULTS" --out "$RESULTS/cpu/$twin" > /dev/null
 done

@@ -323,3 +323,22 @@ def test_fig6a_selected_layers_are_layer_numbers(results):
     assert cr["selected"] == [2, 4, 8, 10, 12]  # the paper's Fig. 6a choice, 1-based
     mask = selected_mask(cr["layers"], cr["selected"])
     assert [layer for layer, m in zip(cr["layers"], mask) if m] == [2, 4, 8, 10, 12]
+
+
+def test_sweep_plot_without_fid_has_no_empty_fid_axis(results, tmp_path, monkeypatch):
+    """Offline runs have no FID: the sweep plot then says so instead of drawing an empty FID scale."""
+    from diffmi_ray.reporting import plots as P
+
+    titles, axes_on = [], []
+
+    def spy(fig, stem):
+        ax, ax2 = fig.axes
+        titles.append(ax.get_title())
+        axes_on.append(ax2.axison)
+        return [stem]
+
+    monkeypatch.setattr(P, "save", spy)
+    labelled = label_points(results)
+    assert P.plot_sweep(labelled, "k", tmp_path / "with")
+    assert P.plot_sweep(labelled.assign(fid=float("nan")), "k", tmp_path / "without")
+    assert axes_on == [True, False] and titles[1].endswith("(FID not computed)") and not titles[0].endswith(")")

@@ -159,7 +159,11 @@ def plot_sweep(labelled: pd.DataFrame, x: str, stem: Path) -> list[Path] | None:
     ax.set_xticklabels([f"{v:g}" for v in xs])
     ax.set_xlabel(xlabel)
     ax.set_ylabel("Acc1 (%) ↑")
-    ax2.set_ylabel("FID ↓")
+    if any(g["fid"].notna().any() for g in groups):
+        ax2.set_ylabel("FID ↓")
+    else:  # no FID (e.g. offline, no Inception weights): no empty right axis pretending a scale
+        ax2.set_axis_off()
+        title = f"{title} (FID not computed)"
     ax.set_title(title)
     h1, l1 = ax.get_legend_handles_labels()
     h2, l2 = ax2.get_legend_handles_labels()
