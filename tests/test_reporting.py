@@ -342,3 +342,31 @@ def test_sweep_plot_without_fid_has_no_empty_fid_axis(results, tmp_path, monkeyp
     assert P.plot_sweep(labelled, "k", tmp_path / "with")
     assert P.plot_sweep(labelled.assign(fid=float("nan")), "k", tmp_path / "without")
     assert axes_on == [True, False] and titles[1].endswith("(FID not computed)") and not titles[0].endswith(")")
+
+
+def test_fig6a_ranks_layers_when_points_share_a_probe_but_not_a_selection(results, tmp_path, monkeypatch):
+    """The Fig. 6b sweep: one probe, several L. Bars then carry their top-L rank, not one L's stars."""
+    from diffmi_ray.reporting import plots as P
+
+    labelled = label_points(results)
+    rates = [0.1, 0.5, 0.3] + [0.0] * 10
+    files = {}
+
+    def fake(point):
+        files.setdefault(point, {"layers": list(range(1, 14)), "change_rate": rates,
+                                 "selected": [2] if not files else [2, 3]})
+        return files[point]
+
+    seen = {}
+
+    def spy(fig, stem):
+        ax = fig.axes[0]
+        seen["title"] = ax.get_title()
+        seen["texts"] = {t.get_text(): round(t.get_position()[0]) for t in ax.texts}
+        return [stem]
+
+    monkeypatch.setattr(results, "change_rates", fake)
+    monkeypatch.setattr(P, "save", spy)
+    assert P.plot_change_rates(results, labelled, tmp_path / "f")
+    assert "top-L rank" in seen["title"]
+    assert [seen["texts"][r] for r in ("1", "2", "3")] == [2, 3, 1]  # layer 2 (0.5), 3 (0.3), 1 (0.1)

@@ -73,11 +73,14 @@ def selected_mask(layers: list[int], selected: list[int]) -> list[bool]:
 def plot_change_rates(results: Results, labelled: pd.DataFrame, stem: Path) -> list[Path] | None:
     """Fig. 6a: grouped bars of the change rate per layer, one bar series per distinct fine-tuned
     CDM (identical change-rate files of several points are drawn once); selected layers starred.
+    Where points share one probe's change rates but fine-tuned different layer sets (the Fig. 6b
+    sweep over L), the bars carry their top-L rank instead (1 = the layer L = 1 trains; layer r is
+    trained for every L >= r), since no single set of stars is right.
 
     change_rates.json: ``layers`` (1..13), ``change_rate`` (one float per layer) and ``selected``
     (the fine-tuned layers' numbers, 1-based like ``layers``)."""
     series = []
-    seen = set()
+    selections: dict[tuple, set] = {}
     for _, r in labelled[labelled["method"] == "diff_mi"].sort_values("point").iterrows():
         cr = results.change_rates(r["point"])
         if not cr or cr.get("change_rate") is None:
@@ -85,10 +88,10 @@ def plot_change_rates(results: Results, labelled: pd.DataFrame, stem: Path) -> l
         layers = [int(v) for v in cr["layers"]]
         rates = [float(v) for v in cr["change_rate"]]
         key = (r["public"], r["private"], r["target"], tuple(np.round(rates, 10)))
-        if key in seen:
-            continue
-        seen.add(key)
-        series.append((r, layers, rates, [int(i) for i in cr.get("selected", [])]))
+        selected = tuple(int(i) for i in cr.get("selected", []))
+        if key not in selections:
+            series.append((r, layers, rates, list(selected), key))
+        selections.setdefault(key, set()).add(selected)
     if not series:
         return None
     labels = [f"{r['public']} → {r['private']} · {r['target']}" for r, *_ in series]
@@ -99,19 +102,28 @@ def plot_change_rates(results: Results, labelled: pd.DataFrame, stem: Path) -> l
     ax = fig.subplots()
     n = len(series)
     width = 0.8 / n
-    for i, ((_, layers, rates, selected), label) in enumerate(zip(series, labels)):
+    ranked = False
+    for i, ((_, layers, rates, selected, key), label) in enumerate(zip(series, labels)):
         x = np.asarray(layers, dtype=float) + (i - (n - 1) / 2) * width
         color = _PALETTE[i % len(_PALETTE)]
         ax.bar(x, rates, width=width, color=color, label=label)
+        if len(selections[key]) > 1:  # one probe, several L: show the top-L order
+            ranked = True
+            order = sorted(range(len(rates)), key=lambda j: (-rates[j], j))  # select_layers' tie rule
+            for rank, j in enumerate(order, start=1):
+                ax.text(x[j], rates[j] * 1.02 + 1e-12, str(rank), ha="center", va="bottom", fontsize=7)
+            continue
         sel = np.flatnonzero(selected_mask(layers, selected))
         if len(sel):
             ax.scatter(x[sel], np.asarray(rates)[sel] * 1.04 + 1e-12, marker="*", s=60, color=color,
                        edgecolor="black", linewidths=0.5, zorder=3)
     all_layers = sorted({l for s in series for l in s[1]})
     ax.set_xticks(all_layers)
+    ax.set_ylim(0.0, 1.12 * max(max(s[2]) for s in series) + 1e-12)  # room for the stars / ranks
     ax.set_xlabel("layer of the middle block")
     ax.set_ylabel("change rate Δ = ‖θ′ − θ‖ / ‖θ‖")
-    ax.set_title("Fig. 6a: change rate per layer (★ = fine-tuned layers)")
+    ax.set_title("Fig. 6a: change rate per layer ("
+                 + ("numbers = top-L rank" if ranked else "★ = fine-tuned layers") + ")")
     ax.legend(fontsize=8)
     return save(fig, stem)
 
