@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import textwrap
 from pathlib import Path
 
@@ -11,6 +12,12 @@ import pytest
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_COLOR_PREFIX", "0")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+
+# The runner tests inject a Ctrl-C (SIGINT) and expect KeyboardInterrupt. A shell starting pytest in
+# the background (`cmd &`, nohup) sets SIGINT to "ignore", which Python then keeps: restore Python's
+# handler so those tests do not depend on how the suite was launched.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
