@@ -28,8 +28,8 @@ first-stage autoencoder (:class:`~diffmi_ray.models.autoencoder.LatentCodec`; pr
 from ``latent.arch`` and trained here first by :mod:`diffmi_ray.training.autoencoder`), and the CDM
 learns the same loss on the scaled latents ``z * s`` instead of [-1, 1] pixels. No dequantisation
 (latents are continuous); the flip is applied to the image before encoding (both the images and
-their mirror images are encoded). ``s`` is ``latent.scaling_factor`` or 1 / std of all training
-latents. The trained autoencoder and ``s`` are part of every checkpoint, so a resumed run does not
+their mirror images are encoded, each selected image once). ``s`` is ``latent.scaling_factor`` or
+1 / std of the latents of the selected images. The trained autoencoder and ``s`` are part of every checkpoint, so a resumed run does not
 retrain it.
 
 ``checkpoint: PATH`` skips training and loads the Diff-MI authors' released CDM (a raw state_dict of
@@ -304,8 +304,13 @@ def train(ctx) -> dict:
     pl = load_pseudo_labels(ctx.parent("pseudo_labels").path)
     public_x = materialize(split, data, parts=("public",)).public_x
     pos, labels = training_pairs(pl, cfg.use_all_public)
-    images = public_x[pos]  # (N, C, H, W)
-    n = len(images)
+    n = len(pos)  # training pairs (an image selected for two classes counts twice)
+    if cfg.latent is None:
+        images = public_x[pos]  # (N, C, H, W)
+    else:  # encode each selected image once; its latent is shared by its pairs
+        uniq, inv = torch.unique(torch.as_tensor(pos), return_inverse=True)
+        images = public_x[uniq]
+    del public_x
 
     state = ctx.load_checkpoint()
 
@@ -314,6 +319,9 @@ def train(ctx) -> dict:
     unet_size, unet_channels = image_size, channels
     if cfg.latent is not None:
         codec, latents, latents_flip, latent_info = _prepare_latents(ctx, cfg, images, channels, image_size, state)
+        latents = latents[inv]
+        latents_flip = latents_flip[inv] if latents_flip is not None else None
+        images = None  # only the latents are used from here on
         unet_channels, unet_size = codec.latent_shape[0], codec.latent_size
 
     # ---- model, EMA, optimiser (identical initial weights on every worker)
