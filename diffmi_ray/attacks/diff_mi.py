@@ -168,11 +168,9 @@ class DiffMIAttack(Attack):
 
     def __init__(self, config: DiffMIAttackConfig | dict, inputs: AttackInputs):
         super().__init__(config, inputs)
-        from diffmi_ray.training.cdm import load
+        from diffmi_ray.training.cdm import load, load_codec
 
         cfg: DiffMIAttackConfig = self.config
-        from diffmi_ray.training.cdm import load_codec
-
         self.unet, self.sched, self.meta = load(inputs.generator_dir, self.device, trainable=False)
         self.codec = load_codec(inputs.generator_dir, self.meta, self.device)
         self.x_shape = (int(self.meta["channels"]), int(self.meta["image_size"]), int(self.meta["image_size"]))
