@@ -456,3 +456,22 @@ def test_make_split_and_materialize_celeba_ffhq(tmp_path):
 
 def torch_allclose(x, v, atol=1e-4):
     return bool((x - v).abs().max() < atol)
+
+
+def test_load_images_in_chunks_equals_all_at_once(tmp_path):
+    """materialize decodes a few images at a time; the tensors are exactly those of one big batch."""
+    import torch
+
+    from diffmi_ray.data.splits import _gather, load_images, load_source, to_tensor
+
+    make_ffhq(tmp_path / "ffhq", n=5)
+    _save(str(tmp_path / "ffhq" / "big" / "x.jpg"), (256, 256), quality=95)  # another native size
+    src = folders.load_ffhq(side("ffhq", tmp_path / "ffhq"))
+    idx = np.array([5, 0, 3, 1, 4, 2])
+    for size, ch in ((16, 3), (8, 1)):
+        ref = to_tensor(_gather(src, idx), size, ch)
+        assert torch.equal(load_images(src, idx, size, ch, chunk=4), ref)
+    mnist = load_source(DataSide(dataset="mnist5k"))
+    idx = np.arange(0, 50, 3)
+    assert torch.equal(load_images(mnist, idx, 32, 1, chunk=5), to_tensor(_gather(mnist, idx), 32, 1))
+    assert load_images(mnist, idx[:0], 32, 1).shape == (0, 1, 32, 32)
