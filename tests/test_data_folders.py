@@ -475,3 +475,19 @@ def test_load_images_in_chunks_equals_all_at_once(tmp_path):
     idx = np.arange(0, 50, 3)
     assert torch.equal(load_images(mnist, idx, 32, 1, chunk=5), to_tensor(_gather(mnist, idx), 32, 1))
     assert load_images(mnist, idx[:0], 32, 1).shape == (0, 1, 32, 32)
+
+
+def test_lazy_images_slice_subset_and_load(tmp_path):
+    """LazyImages: slices load exactly what materialize holds; index subsets stay lazy."""
+    import torch
+
+    from diffmi_ray.data.splits import LazyImages, load_images, load_source
+
+    mnist = load_source(DataSide(dataset="mnist5k"))
+    idx = np.arange(100, 140)
+    lazy = LazyImages(mnist, idx, 16, 1)
+    full = load_images(mnist, idx, 16, 1)
+    assert len(lazy) == 40 and lazy.shape == (40, 1, 16, 16)
+    assert torch.equal(lazy[5:17], full[5:17]) and torch.equal(lazy.load(), full)
+    sub = lazy[torch.tensor([3, 3, 0])]
+    assert isinstance(sub, LazyImages) and torch.equal(sub.load(), full[[3, 3, 0]])

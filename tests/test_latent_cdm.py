@@ -202,3 +202,14 @@ def test_pretrained_autoencoder_from_a_local_folder(tmp_path):
     bad = _chain(ArtifactStore(tmp_path / "t"), _latent_prior(pretrained=str(tmp_path / "nowhere")), key="bad0")
     with pytest.raises(UserError, match="latent.pretrained"):
         run_instance(bad, ArtifactStore(tmp_path / "t"), device="cpu", log=lambda s: None)
+
+
+def test_encode_all_of_lazy_images_and_flip():
+    from diffmi_ray.config.data import DataSide
+    from diffmi_ray.data.splits import LazyImages, load_source
+
+    codec = _tiny_codec(image_size=16)
+    lazy = LazyImages(load_source(DataSide(dataset="mnist5k")), range(10), 16, 1)
+    x = lazy.load()
+    assert torch.allclose(codec.encode_all(lazy, 4), codec.encode_all(x, 10), atol=1e-6)
+    assert torch.allclose(codec.encode_all(lazy, 3, flip=True), codec.encode(x.flip(-1)), atol=1e-6)

@@ -156,6 +156,40 @@ def load_images(source: Source, idx: np.ndarray, size: int, channels: int, chunk
     return out
 
 
+class LazyImages:
+    """Images of a source, loaded only when sliced: ``len()``, ``x[a:b]`` -> float tensor
+    (:func:`load_images`), ``x[index]`` (int array / tensor) -> a lazy subset, ``load()`` -> all.
+
+    For stages that pass over a large set once in batches (pseudo-labelling, latent encoding), so the
+    whole set never sits in memory as float: e.g. 70k FFHQ images at 224 px are 42 GB as float32.
+    """
+
+    def __init__(self, source: Source, idx, size: int, channels: int):
+        self.source, self.idx = source, np.asarray(idx, dtype=np.int64)
+        self.size, self.channels = int(size), int(channels)
+
+    def __len__(self) -> int:
+        return len(self.idx)
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        return (len(self.idx), self.channels, self.size, self.size)
+
+    def __getitem__(self, key):
+        if isinstance(key, slice):
+            return load_images(self.source, self.idx[key], self.size, self.channels)
+        sel = key.cpu().numpy() if isinstance(key, torch.Tensor) else np.asarray(key)
+        return LazyImages(self.source, self.idx[sel], self.size, self.channels)
+
+    def load(self) -> torch.Tensor:
+        return load_images(self.source, self.idx, self.size, self.channels)
+
+
+def public_images(split: Split, data: DataConfig) -> LazyImages:
+    """The split's public images, lazily (:class:`LazyImages`), in ``split.public`` order."""
+    return LazyImages(load_source(data.public), split.public, data.image_size, data.channels)
+
+
 def materialize(split: Split, data: DataConfig, parts: tuple[str, ...] = ("train", "test", "public")) -> SplitTensors:
     """Load the split's images as tensors (private labels re-indexed to 0..C-1), chunk by chunk
     (:func:`load_images`)."""

@@ -108,9 +108,17 @@ class LatentCodec(nn.Module):
         return resize(x, size or self.output_size)
 
     @torch.no_grad()
-    def encode_all(self, images: Tensor, batch_size: int, device: torch.device | str = "cpu") -> Tensor:
-        """Scaled latents of a CPU image tensor (N, C, H, W) in [0, 1], in batches; returned on the CPU."""
-        out = [self.encode(images[i:i + batch_size].to(device)).cpu() for i in range(0, len(images), batch_size)]
+    def encode_all(self, images, batch_size: int, device: torch.device | str = "cpu", flip: bool = False) -> Tensor:
+        """Scaled latents of [0, 1] images (N, C, H, W), in batches; returned on the CPU.
+
+        ``images``: a CPU tensor or anything whose slices are tensors (a
+        :class:`~diffmi_ray.data.splits.LazyImages`, loaded batch by batch). ``flip``: encode the
+        horizontally mirrored images.
+        """
+        out = []
+        for i in range(0, len(images), batch_size):
+            x = images[i:i + batch_size].to(device)
+            out.append(self.encode(x.flip(-1) if flip else x).cpu())
         return torch.cat(out) if out else torch.empty(0, *self.latent_shape)
 
     def meta(self) -> dict:

@@ -237,11 +237,12 @@ def _load_released(ctx, cfg: CDMPriorConfig, num_classes: int, image_size: int, 
     return {"steps": 0, "source": str(cfg.checkpoint)}
 
 
-def _prepare_latents(ctx, cfg: CDMPriorConfig, images: torch.Tensor, channels: int, data_size: int,
-                     state: dict | None):
+def _prepare_latents(ctx, cfg: CDMPriorConfig, images, channels: int, data_size: int, state: dict | None):
     """Latent mode: (codec, latents of images, latents of the mirrored images or None, info dict).
 
-    The autoencoder is the pretrained one, the one in a resumed checkpoint, or trained here.
+    ``images``: a :class:`~diffmi_ray.data.splits.LazyImages` (encoded chunk by chunk, never held
+    whole) or a tensor. The autoencoder is the pretrained one, the one in a resumed checkpoint, or
+    trained here (which loads the images: CPU scale).
     """
     from diffmi_ray.models.autoencoder import LatentCodec, build_autoencoder, load_pretrained
     from diffmi_ray.training.autoencoder import train_autoencoder
@@ -263,10 +264,12 @@ def _prepare_latents(ctx, cfg: CDMPriorConfig, images: torch.Tensor, channels: i
         else:
             ctx.log(f"training the autoencoder ({sum(p.numel() for p in ae.parameters()) / 1e6:.2f}M params, "
                     f"f={2 ** (len(lat.arch.block_out_channels) - 1)}) for {lat.iterations} steps")
-            info["autoencoder"] = train_autoencoder(ae, images, lat, seed=ctx.seed, device=ctx.device, log=ctx.log)
+            pixels = images if isinstance(images, torch.Tensor) else images.load()
+            info["autoencoder"] = train_autoencoder(ae, pixels, lat, seed=ctx.seed, device=ctx.device, log=ctx.log)
+            del pixels
     codec = LatentCodec(ae, size, 1.0, output_size=data_size).to(ctx.device)
     z = codec.encode_all(images, lat.encode_batch_size, ctx.device)
-    z_flip = codec.encode_all(images.flip(-1), lat.encode_batch_size, ctx.device) if cfg.hflip else None
+    z_flip = codec.encode_all(images, lat.encode_batch_size, ctx.device, flip=True) if cfg.hflip else None
     if lat.scaling_factor is not None:
         scale = float(lat.scaling_factor)
     elif state is not None and "scaling_factor" in state:
@@ -287,7 +290,7 @@ def train(ctx) -> dict:
     parents ``split`` and ``pseudo_labels``. Returns {"steps", "loss" (mean of the last steps),
     "resumed_from", "params", "seconds_per_step", "examples"} (or {"steps": 0, "source"} when loading).
     """
-    from diffmi_ray.data.splits import materialize
+    from diffmi_ray.data.splits import public_images
     from diffmi_ray.pipeline.stages.pseudo_labels import load_pseudo_labels, training_pairs
     from diffmi_ray.pipeline.stages.split import data_config_for, load as load_split
 
@@ -302,15 +305,12 @@ def train(ctx) -> dict:
 
     # ---- data: pseudo-labelled public images, kept in [0, 1] on the CPU
     pl = load_pseudo_labels(ctx.parent("pseudo_labels").path)
-    public_x = materialize(split, data, parts=("public",)).public_x
     pos, labels = training_pairs(pl, cfg.use_all_public)
     n = len(pos)  # training pairs (an image selected for two classes counts twice)
-    if cfg.latent is None:
-        images = public_x[pos]  # (N, C, H, W)
-    else:  # encode each selected image once; its latent is shared by its pairs
-        uniq, inv = torch.unique(torch.as_tensor(pos), return_inverse=True)
-        images = public_x[uniq]
-    del public_x
+    # only the selected images are loaded, each once; its pairs share it
+    uniq, inv = torch.unique(torch.as_tensor(pos), return_inverse=True)
+    selected = public_images(split, data)[uniq]  # lazy: loaded in chunks when used
+    images = selected.load()[inv] if cfg.latent is None else selected  # (N, C, H, W) in pixel mode
 
     state = ctx.load_checkpoint()
 

@@ -49,6 +49,8 @@ def score_public(model: torch.nn.Module, x: torch.Tensor, batch_size: int = 256,
                  device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
     """(logits (m, C), features (m, D)) of T on images x (m, C_in, H, W) in [0, 1], on the CPU.
 
+    ``x`` is a tensor or anything with ``len`` and slicing to tensors (:class:`~diffmi_ray.data.splits.LazyImages`).
+
     ``model`` must follow the classifier contract (forward -> logits, ``features`` -> penultimate
     features); ``features_and_logits`` is used when present (one pass).
     """
@@ -81,9 +83,10 @@ def class_centroids(features: torch.Tensor, indices: torch.Tensor) -> torch.Tens
     return features[indices].mean(dim=1)
 
 
-def compute_pseudo_labels(model: torch.nn.Module, public_x: torch.Tensor, cfg: PseudoLabelConfig,
+def compute_pseudo_labels(model: torch.nn.Module, public_x, cfg: PseudoLabelConfig,
                           device: torch.device | str = "cpu") -> dict:
-    """The artifact dict (see the module docstring) for target ``model`` and public images (m, C, H, W)."""
+    """The artifact dict (see the module docstring) for target ``model`` and public images (m, C, H, W)
+    (a tensor or a :class:`~diffmi_ray.data.splits.LazyImages`)."""
     if len(public_x) == 0:
         raise ValueError("the public set is empty: nothing to pseudo-label")
     logits, feats = score_public(model, public_x, cfg.batch_size, device)
@@ -99,7 +102,7 @@ def compute_pseudo_labels(model: torch.nn.Module, public_x: torch.Tensor, cfg: P
 
 def run(ctx) -> dict:
     """Score the split's public images with the target and write ``pseudo_labels.pt``."""
-    from diffmi_ray.data.splits import materialize
+    from diffmi_ray.data.splits import public_images
     from diffmi_ray.pipeline.stages.split import data_config_of, load as load_split
     from diffmi_ray.pipeline.stages.train_classifier import load_classifier
 
@@ -107,7 +110,7 @@ def run(ctx) -> dict:
     split_parent = ctx.parent("split")
     data = data_config_of(split_parent)
     split = load_split(split_parent.path)
-    public_x = materialize(split, data, parts=("public",)).public_x
+    public_x = public_images(split, data)  # loaded batch by batch while scoring
     target = load_classifier(ctx.parent("target").path, ctx.device)
     if cfg.top_n > len(public_x):
         ctx.log(f"top_n={cfg.top_n} exceeds the {len(public_x)} public images; using n={len(public_x)}")
