@@ -51,10 +51,10 @@ def cmd_plan(args) -> int:
     print("\nstage instances (unique / already done):")
     by_stage = plan.by_stage()
     total = done_total = 0
+    done_keys = {stage: store.done_keys(stage) for stage in STAGES}
     for stage in STAGES:
         insts = by_stage[stage]
-        done_keys = store.done_keys(stage)
-        done = sum(1 for i in insts if i.key in done_keys)
+        done = sum(1 for i in insts if i.key in done_keys[stage])
         total += len(insts)
         done_total += done
         print(f"  {stage:<17} {len(insts):>4} needed  {done:>4} done")
@@ -67,7 +67,7 @@ def cmd_plan(args) -> int:
         from diffmi_ray.cost import estimate_plan
 
         per_inst, _, _ = estimate_plan(plan, args.gpu_hours * 1e12)
-        todo = per_inst[[key not in store.done_keys(stage) for stage, key in zip(per_inst.stage, per_inst.key)]]
+        todo = per_inst[[key not in done_keys[stage] for stage, key in zip(per_inst.stage, per_inst.key)]]
         print(f"\nestimated GPU-hours of the instances not done yet, at an assumed {args.gpu_hours:g} TFLOP/s "
               "sustained (counted FLOPs; diffmi_ray/cost.py):")
         for stage in STAGES:

@@ -442,27 +442,23 @@ def _codec_nets(latent, data_size: int, channels: int) -> tuple[Net, Net, tuple[
         return None
     from diffmi_ray.config.methods import LatentConfig
 
+    from diffmi_ray.models.autoencoder import arch_config, downsample_factor, local_pretrained_config
+
     lat = LatentConfig.model_validate(latent)
     size = lat.image_size or data_size
     if lat.pretrained is None:
-        a = lat.arch
-        levels = len(a.block_out_channels)
-        cfg = {"class": "AutoencoderKL", "in_channels": channels, "out_channels": channels,
-               "down_block_types": ["DownEncoderBlock2D"] * levels, "up_block_types": ["UpDecoderBlock2D"] * levels,
-               "block_out_channels": list(a.block_out_channels), "layers_per_block": a.layers_per_block,
-               "latent_channels": a.latent_channels, "norm_num_groups": a.norm_num_groups, "sample_size": size}
+        cfg = {"class": "AutoencoderKL", **arch_config(lat, channels, size)}
     else:
-        local = Path(lat.pretrained).expanduser() / (lat.subfolder or "") / "config.json"
-        if not local.is_file():  # a Hub id: its config.json if the Hugging Face cache holds it (no download)
+        raw = local_pretrained_config(lat)
+        if raw is None:  # a Hub id: its config.json if the Hugging Face cache holds it (no download)
             try:
                 from huggingface_hub import try_to_load_from_cache
 
                 hit = try_to_load_from_cache(lat.pretrained, "config.json", subfolder=lat.subfolder)
-                local = Path(hit) if isinstance(hit, str) else local
+                raw = json.loads(Path(hit).read_text()) if isinstance(hit, str) else None
             except Exception:  # noqa: BLE001 - no huggingface_hub or a malformed id: use the fallback
                 pass
-        if local.is_file():
-            raw = json.loads(local.read_text())
+        if raw is not None:
             cfg = {k: v for k, v in raw.items() if not k.startswith("_")}
             cfg["class"] = raw.get("_class_name", "AutoencoderKL")
         else:
@@ -470,7 +466,7 @@ def _codec_nets(latent, data_size: int, channels: int) -> tuple[Net, Net, tuple[
             levels = len(fb["block_out_channels"])
             cfg = {**fb, "in_channels": channels, "out_channels": channels, "sample_size": size,
                    "down_block_types": ["DownEncoderBlock2D"] * levels, "up_block_types": ["UpDecoderBlock2D"] * levels}
-    f = 2 ** (len(cfg["block_out_channels"]) - 1)
+    f = downsample_factor(cfg["block_out_channels"])
     lshape = (int(cfg["latent_channels"]), size // f, size // f)
     enc = Net.of("ae_encode", cfg["class"], 0, cfg, (channels, size, size))
     dec = Net.of("ae_decode", cfg["class"], 0, cfg, lshape)

@@ -50,7 +50,7 @@ def test_codec_shapes_scale_and_gradient_through_the_decoder():
     with torch.no_grad():  # decode divides by the scale: same image as the raw latents through the bare decoder
         ref = codec.ae.decode(codec.raw_latents(x)).sample
         assert torch.allclose(codec.decode(z, size=16), ref, atol=1e-5)
-    assert torch.allclose(codec.encode_all(x, batch_size=2), z, atol=1e-6)
+    assert torch.allclose(codec.encode_all(x, batch_size=2)[0], z, atol=1e-6)
 
 
 def test_vq_codec_decodes_with_a_straight_through_gradient():
@@ -68,11 +68,11 @@ def test_vq_codec_decodes_with_a_straight_through_gradient():
 
 
 def test_latent_geometry_and_config_rules(tmp_path):
-    assert latent_geometry(LatentConfig(arch=ARCH), 16, 1) == (8, 2, 2)
-    assert latent_geometry(LatentConfig(image_size=256), 224, 3) == (64, 3, 4)  # the default arch: kl-f4
-    assert latent_geometry(LatentConfig(pretrained="some-org/some-vae"), 64, 3) is None  # Hub: known at run time
+    assert latent_geometry(LatentConfig(arch=ARCH), 16) == (8, 2, 2)
+    assert latent_geometry(LatentConfig(image_size=256), 224) == (64, 3, 4)  # the default arch: kl-f4
+    assert latent_geometry(LatentConfig(pretrained="some-org/some-vae"), 64) is None  # Hub: known at run time
     _tiny_codec().ae.save_pretrained(tmp_path / "ae" / "vae")
-    assert latent_geometry(LatentConfig(pretrained=str(tmp_path / "ae"), subfolder="vae"), 32, 1) == (16, 2, 2)
+    assert latent_geometry(LatentConfig(pretrained=str(tmp_path / "ae"), subfolder="vae"), 32) == (16, 2, 2)
     with pytest.raises(ValueError, match="latent"):
         CDMPriorConfig(checkpoint="x.pt", latent=LatentConfig())
     with pytest.raises(UserError, match="norm_num_groups"):
@@ -149,7 +149,7 @@ def test_latent_cdm_trains_resumes_finetunes_and_attacks(tmp_path, monkeypatch):
 
     split = load_split(store.local_path("split", "split0"))
     public = materialize(split, DataConfig.model_validate(DATA), parts=("public",)).public_x
-    assert float(codec.encode_all(public, 16).std()) == pytest.approx(1.0, rel=0.15)
+    assert float(codec.encode_all(public, 16)[0].std()) == pytest.approx(1.0, rel=0.15)
 
     # fine-tune through the decoder, then attack
     ft_cfg = FinetuneConfig(layers=2, probe_steps=1, sampler_steps=3, batch_size=3, max_epochs=1, loss_k=1,
@@ -211,5 +211,6 @@ def test_encode_all_of_lazy_images_and_flip():
     codec = _tiny_codec(image_size=16)
     lazy = LazyImages(load_source(DataSide(dataset="mnist5k")), range(10), 16, 1)
     x = lazy.load()
-    assert torch.allclose(codec.encode_all(lazy, 4), codec.encode_all(x, 10), atol=1e-6)
-    assert torch.allclose(codec.encode_all(lazy, 3, flip=True), codec.encode(x.flip(-1)), atol=1e-6)
+    assert torch.allclose(codec.encode_all(lazy, 4)[0], codec.encode_all(x, 10)[0], atol=1e-6)
+    assert codec.encode_all(lazy, 4)[1] is None
+    assert torch.allclose(codec.encode_all(lazy, 3, mirrored=True)[1], codec.encode(x.flip(-1)), atol=1e-6)

@@ -135,7 +135,7 @@ def check_point(cfg: ExperimentConfig, protocol) -> list[tuple[str, str]]:
         if lat is not None:  # the U-Net works on the autoencoder's latents
             from diffmi_ray.models.autoencoder import latent_geometry
 
-            geo = latent_geometry(lat, size, ch)
+            geo = latent_geometry(lat, size)
             if geo is None:
                 usize = None  # a Hub autoencoder: its geometry is known when the stage runs
             else:

@@ -34,11 +34,11 @@ import torch
 from torch import Tensor, nn
 
 from diffmi_ray.config.methods import LatentConfig
-from diffmi_ray.conventions import resize_square as resize
-from diffmi_ray.conventions import to_pm1
+from diffmi_ray.conventions import resize_square, to_pm1
 from diffmi_ray.errors import UserError
 
-__all__ = ["AE_FOLDER", "LatentCodec", "build_autoencoder", "load_pretrained", "latent_geometry", "resize"]
+__all__ = ["AE_FOLDER", "LatentCodec", "arch_config", "build_autoencoder", "downsample_factor", "load_pretrained",
+           "local_pretrained_config", "latent_geometry"]
 
 AE_FOLDER = "autoencoder"
 _CLASSES = ("AutoencoderKL", "VQModel")
@@ -54,6 +54,7 @@ def _kind(ae: nn.Module) -> str:
 
 
 def downsample_factor(block_out_channels) -> int:
+    """f = 2 ** (levels - 1) of a diffusers autoencoder with these per-level widths."""
     return 2 ** (len(block_out_channels) - 1)
 
 
@@ -92,7 +93,7 @@ class LatentCodec(nn.Module):
 
     def raw_latents(self, x01: Tensor) -> Tensor:
         """Unscaled latents z of [0, 1] images (B, C, H, W) -> (B, c, s, s)."""
-        x = to_pm1(resize(x01, self.image_size))
+        x = to_pm1(resize_square(x01, self.image_size))
         if self.kind == "kl":
             return self.ae.encode(x).latent_dist.mode()
         return self.ae.encode(x).latents
@@ -105,21 +106,26 @@ class LatentCodec(nn.Module):
         """Images in the [-1, 1] space (not clamped) at ``size`` px (default output_size) from scaled latents."""
         z = z / self.scaling_factor
         x = self.ae.decode(z).sample if self.kind == "kl" else self.ae.decode(z, force_not_quantize=False).sample
-        return resize(x, size or self.output_size)
+        return resize_square(x, size or self.output_size)
 
     @torch.no_grad()
-    def encode_all(self, images, batch_size: int, device: torch.device | str = "cpu", flip: bool = False) -> Tensor:
-        """Scaled latents of [0, 1] images (N, C, H, W), in batches; returned on the CPU.
+    def encode_all(self, images, batch_size: int, device: torch.device | str = "cpu",
+                   mirrored: bool = False) -> tuple[Tensor, Tensor | None]:
+        """(scaled latents, scaled latents of the horizontally mirrored images or None) of [0, 1] images
+        (N, C, H, W), in batches; returned on the CPU.
 
         ``images``: a CPU tensor or anything whose slices are tensors (a
-        :class:`~diffmi_ray.data.splits.LazyImages`, loaded batch by batch). ``flip``: encode the
-        horizontally mirrored images.
+        :class:`~diffmi_ray.data.splits.LazyImages`, loaded batch by batch): one pass, so each batch
+        is loaded once also when ``mirrored``.
         """
-        out = []
+        out, out_m = [], []
         for i in range(0, len(images), batch_size):
             x = images[i:i + batch_size].to(device)
-            out.append(self.encode(x.flip(-1) if flip else x).cpu())
-        return torch.cat(out) if out else torch.empty(0, *self.latent_shape)
+            out.append(self.encode(x).cpu())
+            if mirrored:
+                out_m.append(self.encode(x.flip(-1)).cpu())
+        empty = torch.empty(0, *self.latent_shape)
+        return (torch.cat(out) if out else empty), ((torch.cat(out_m) if out_m else empty) if mirrored else None)
 
     def meta(self) -> dict:
         """The ``model.json["latent"]`` record (geometry, scale, kind)."""
@@ -140,21 +146,26 @@ class LatentCodec(nn.Module):
                    int(meta.get("data_image_size") or meta["image_size"])).to(device)
 
 
+def arch_config(cfg: LatentConfig, channels: int, image_size: int) -> dict:
+    """The ``AutoencoderKL`` constructor keywords (its config) of ``cfg.arch`` for ``channels``-channel
+    images of ``image_size`` px."""
+    a = cfg.arch
+    levels = len(a.block_out_channels)
+    return {"in_channels": channels, "out_channels": channels,
+            "down_block_types": ["DownEncoderBlock2D"] * levels, "up_block_types": ["UpDecoderBlock2D"] * levels,
+            "block_out_channels": list(a.block_out_channels), "layers_per_block": a.layers_per_block,
+            "latent_channels": a.latent_channels, "norm_num_groups": a.norm_num_groups, "sample_size": image_size}
+
+
 def build_autoencoder(cfg: LatentConfig, channels: int, image_size: int) -> nn.Module:
-    """A randomly initialised ``AutoencoderKL`` of ``cfg.arch`` for ``channels``-channel images."""
+    """A randomly initialised ``AutoencoderKL`` of ``cfg.arch`` (:func:`arch_config`)."""
     from diffusers import AutoencoderKL
 
     a = cfg.arch
     bad = [w for w in a.block_out_channels if w % a.norm_num_groups]
     if bad:
         raise UserError(f"latent.arch.norm_num_groups {a.norm_num_groups} does not divide the widths {bad}")
-    levels = len(a.block_out_channels)
-    return AutoencoderKL(in_channels=channels, out_channels=channels,
-                         down_block_types=("DownEncoderBlock2D",) * levels,
-                         up_block_types=("UpDecoderBlock2D",) * levels,
-                         block_out_channels=tuple(a.block_out_channels), layers_per_block=a.layers_per_block,
-                         latent_channels=a.latent_channels, norm_num_groups=a.norm_num_groups,
-                         sample_size=image_size)
+    return AutoencoderKL(**arch_config(cfg, channels, image_size))
 
 
 def _class_of(source: str, subfolder: str | None) -> str:
@@ -190,7 +201,15 @@ def load_pretrained(cfg: LatentConfig) -> nn.Module:
     return _from_pretrained(str(local) if local.exists() else src, cfg.subfolder)
 
 
-def latent_geometry(cfg: LatentConfig, data_size: int, data_channels: int) -> tuple[int, int, int] | None:
+def local_pretrained_config(cfg: LatentConfig) -> dict | None:
+    """The ``config.json`` of a local ``pretrained`` folder (+ ``subfolder``), or None (a Hub id)."""
+    if cfg.pretrained is None:
+        return None
+    conf = Path(cfg.pretrained).expanduser() / (cfg.subfolder or "") / "config.json"
+    return json.loads(conf.read_text()) if conf.is_file() else None
+
+
+def latent_geometry(cfg: LatentConfig, data_size: int) -> tuple[int, int, int] | None:
     """(latent size, latent channels, downsample factor) known before anything runs, else None.
 
     Known for an ``arch`` autoencoder and for a local ``pretrained`` folder (its config.json); a Hub
@@ -200,12 +219,8 @@ def latent_geometry(cfg: LatentConfig, data_size: int, data_channels: int) -> tu
     if cfg.pretrained is None:
         f = downsample_factor(cfg.arch.block_out_channels)
         return size // f, cfg.arch.latent_channels, f
-    folder = Path(cfg.pretrained).expanduser()
-    if cfg.subfolder:
-        folder = folder / cfg.subfolder
-    conf = folder / "config.json"
-    if not conf.is_file():
+    c = local_pretrained_config(cfg)
+    if c is None:
         return None
-    c = json.loads(conf.read_text())
     f = downsample_factor(c.get("block_out_channels", [0]))
     return size // f, int(c.get("latent_channels", 4)), f

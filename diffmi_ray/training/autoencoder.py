@@ -23,8 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from diffmi_ray.config.methods import LatentConfig
-from diffmi_ray.conventions import resize_square as resize
-from diffmi_ray.conventions import sample_generator, to_pm1
+from diffmi_ray.conventions import resize_square, sample_generator, to_pm1
 
 __all__ = ["train_autoencoder"]
 
@@ -50,7 +49,7 @@ def train_autoencoder(ae: nn.Module, images: Tensor, cfg: LatentConfig, *, seed:
         g = sample_generator(seed, _STREAM, step)
         idx = torch.randperm(n, generator=g)[:cfg.batch_size] if cfg.batch_size <= n else \
             torch.randint(n, (cfg.batch_size,), generator=g)
-        x = to_pm1(resize(images[idx], size)).to(device)
+        x = to_pm1(resize_square(images[idx], size)).to(device)
         post = ae.encode(x).latent_dist
         z = post.mean + post.std * torch.randn(post.mean.shape, generator=g).to(device)
         rec = ae.decode(z).sample

@@ -244,7 +244,7 @@ def _prepare_latents(ctx, cfg: CDMPriorConfig, images, channels: int, data_size:
     whole) or a tensor. The autoencoder is the pretrained one, the one in a resumed checkpoint, or
     trained here (which loads the images: CPU scale).
     """
-    from diffmi_ray.models.autoencoder import LatentCodec, build_autoencoder, load_pretrained
+    from diffmi_ray.models.autoencoder import LatentCodec, build_autoencoder, downsample_factor, load_pretrained
     from diffmi_ray.training.autoencoder import train_autoencoder
 
     lat = cfg.latent
@@ -263,13 +263,12 @@ def _prepare_latents(ctx, cfg: CDMPriorConfig, images, channels: int, data_size:
             info["autoencoder"] = "from checkpoint"
         else:
             ctx.log(f"training the autoencoder ({sum(p.numel() for p in ae.parameters()) / 1e6:.2f}M params, "
-                    f"f={2 ** (len(lat.arch.block_out_channels) - 1)}) for {lat.iterations} steps")
-            pixels = images if isinstance(images, torch.Tensor) else images.load()
-            info["autoencoder"] = train_autoencoder(ae, pixels, lat, seed=ctx.seed, device=ctx.device, log=ctx.log)
-            del pixels
+                    f"f={downsample_factor(lat.arch.block_out_channels)}) for {lat.iterations} steps")
+            if not isinstance(images, torch.Tensor):
+                images = images.load()  # CPU scale: loaded once, for the training and the encoding below
+            info["autoencoder"] = train_autoencoder(ae, images, lat, seed=ctx.seed, device=ctx.device, log=ctx.log)
     codec = LatentCodec(ae, size, 1.0, output_size=data_size).to(ctx.device)
-    z = codec.encode_all(images, lat.encode_batch_size, ctx.device)
-    z_flip = codec.encode_all(images, lat.encode_batch_size, ctx.device, flip=True) if cfg.hflip else None
+    z, z_flip = codec.encode_all(images, lat.encode_batch_size, ctx.device, mirrored=cfg.hflip)
     if lat.scaling_factor is not None:
         scale = float(lat.scaling_factor)
     elif state is not None and "scaling_factor" in state:
